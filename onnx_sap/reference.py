@@ -1,0 +1,159 @@
+"""NumPy reference of the ``onnx_sap::StochasticActivationPruning`` operator.
+
+Follows ``SPEC.md`` line by line, in float64: Philox4x32-10 keyed by splitmix64, one function per mode.
+The C++ and CUDA kernels are checked against this module; where they disagree outside the margin
+band that SPEC.md defines, one of them has a bug.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MODES = ("multinomial", "bernoulli")
+_MASK64 = (1 << 64) - 1
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def splitmix64(z: int) -> int:
+    """One step of splitmix64 on an unsigned 64-bit integer."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def derive_key(seed: int, stream: int) -> int:
+    """The 64-bit Philox key of a node: splitmix64(seed XOR splitmix64(stream))."""
+    return splitmix64((seed & _MASK64) ^ splitmix64(stream & _MASK64))
+
+
+def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+    """Philox4x32-10 on an array of counters of shape (..., 4) (uint32); returns the same shape."""
+    c = np.asarray(counter, dtype=np.uint32).astype(np.uint64)
+    c0, c1, c2, c3 = c[..., 0], c[..., 1], c[..., 2], c[..., 3]
+    k0, k1 = key[0] & 0xFFFFFFFF, key[1] & 0xFFFFFFFF
+    lo32 = np.uint64(0xFFFFFFFF)
+    for _ in range(10):
+        p0 = _M0 * c0
+        p1 = _M1 * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & lo32, (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & lo32
+        k0, k1 = (k0 + _W0) & 0xFFFFFFFF, (k1 + _W1) & 0xFFFFFFFF
+    return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
+
+
+def uniforms(key64: int, example: int, call: int, count: int) -> np.ndarray:
+    """Uniforms u_i, i = 0..count-1, of stream positions of one example in one call (float64, in (0, 1))."""
+    blocks = np.arange((count + 3) // 4, dtype=np.uint64)
+    counter = np.empty((blocks.size, 4), dtype=np.uint32)
+    counter[:, 0] = (blocks & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    counter[:, 1] = (blocks >> np.uint64(32)).astype(np.uint32)
+    counter[:, 2] = example & 0xFFFFFFFF
+    counter[:, 3] = call & 0xFFFFFFFF
+    words = philox4x32_10(counter, (key64 & 0xFFFFFFFF, key64 >> 32)).reshape(-1)[:count]
+    return (words.astype(np.float64) + 0.5) / 2.0**32
+
+
+def sample_count(m: int, ratio: float = 1.0, samples: int = 0) -> int:
+    """r: ``samples`` when > 0, else max(1, floor(ratio * m)) with ratio as the float32 attribute holds it."""
+    if samples > 0:
+        return int(samples)
+    return max(1, int(np.floor(np.float64(np.float32(ratio)) * m)))
+
+
+def keep_probability(p: np.ndarray, r: int) -> np.ndarray:
+    """q = 1 - (1 - p)^r, as -expm1(r * log1p(-p))."""
+    return -np.expm1(float(r) * np.log1p(-p))
+
+
+@dataclass
+class SapResult:
+    """Output of :func:`sap` with details: Y, the keep mask and each element's decision margin."""
+
+    y: np.ndarray
+    keep: np.ndarray
+    margin: np.ndarray
+
+
+def _bernoulli(a: np.ndarray, s: float, r: int, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    q = keep_probability(a / s, r)
+    keep = u < q
+    with np.errstate(divide="ignore", invalid="ignore"):
+        margin = np.where(q > 0, np.abs(u - q) / q, np.inf)
+    return q, keep, margin
+
+
+def _multinomial(a: np.ndarray, s: float, r: int, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    m = a.size
+    e = -np.log(u)  # r + 1 exponential variates
+    g = np.cumsum(e)
+    pos = g[:r] / g[r] * s  # T_k * S, sorted
+    c = np.cumsum(a)
+    landed = np.searchsorted(c, pos, side="right")  # smallest j with C_j > T_k * S
+    past = landed >= m
+    if past.any():  # rounding only: land on the last element with a_j > 0
+        landed[past] = np.flatnonzero(a > 0)[-1]
+    keep = np.zeros(m, dtype=bool)
+    keep[landed] = True
+    # Element j keeps or loses samples when one crosses C_{j-1} or C_j: its margin is the distance of
+    # the nearest sample to either boundary, relative to S.
+    bounds = np.concatenate([[0.0], c])
+    at = np.clip(np.searchsorted(pos, bounds), 1, r) if r > 1 else np.ones(bounds.size, dtype=np.int64)
+    dist = np.minimum(np.abs(pos[at - 1] - bounds), np.abs(pos[np.minimum(at, r - 1)] - bounds)) / s
+    margin = np.minimum(dist[:-1], dist[1:])
+    q = keep_probability(a / s, r)
+    return q, keep, margin
+
+
+def sap(
+    x: np.ndarray,
+    *,
+    ratio: float = 1.0,
+    samples: int = 0,
+    mode: str = "multinomial",
+    axis: int = 1,
+    seed: int | None = None,
+    stream: int = 0,
+    call: int = 0,
+    key: int | None = None,
+    return_details: bool = False,
+) -> np.ndarray | SapResult:
+    """Apply SAP to ``x`` exactly as the operator does for call index ``call`` of a node.
+
+    The stream is fixed by ``seed`` and ``stream`` (the node's attributes; seed must be non-zero, since
+    0 means OS entropy in the operator) or directly by the 64-bit Philox ``key``. Returns Y in x's
+    dtype, or with ``return_details`` a :class:`SapResult` holding Y, the keep mask and the margins.
+    """
+    x = np.asarray(x)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if x.ndim < 1 or not 0 <= axis < x.ndim:
+        raise ValueError(f"axis must satisfy 0 <= axis < rank ({x.ndim}), got {axis}")
+    if key is None:
+        if not seed:
+            raise ValueError("the reference needs a non-zero seed (seed 0 means OS entropy) or an explicit key")
+        key = derive_key(seed, stream)
+    n_examples = int(np.prod(x.shape[:axis], dtype=np.int64))
+    m = int(np.prod(x.shape[axis:], dtype=np.int64))
+    flat = x.reshape(n_examples, m).astype(np.float64)
+    y = flat.copy()
+    keep = np.zeros(flat.shape, dtype=bool)
+    margin = np.full(flat.shape, np.inf)
+    r = sample_count(m, ratio, samples)
+    for n in range(n_examples):
+        a = np.abs(flat[n])
+        s = float(np.sum(a))
+        if m == 0 or s == 0.0 or not np.isfinite(s):
+            continue  # pass-through: y = x
+        if mode == "bernoulli":
+            q, keep[n], margin[n] = _bernoulli(a, s, r, uniforms(key, n, call, m))
+        else:
+            q, keep[n], margin[n] = _multinomial(a, s, r, uniforms(key, n, call, r + 1))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y[n] = np.where(keep[n], flat[n] / q, 0.0)
+    y_out = y.astype(x.dtype).reshape(x.shape)
+    if not return_details:
+        return y_out
+    return SapResult(y_out, keep.reshape(x.shape), margin.reshape(x.shape))

@@ -1,0 +1,145 @@
+"""Finding the custom-op library and opening ONNX Runtime sessions with it registered."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from .errors import OnnxSapError
+
+DOMAIN = "onnx_sap"
+OP_TYPE = "StochasticActivationPruning"
+LIBRARY_NAME = "libonnx_sap_ops.so"
+
+_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def get_library_path() -> str:
+    """Path of the installed custom-op shared library (``ONNX_SAP_LIBRARY`` overrides it)."""
+    override = os.environ.get("ONNX_SAP_LIBRARY")
+    if override:
+        if not Path(override).is_file():
+            raise OnnxSapError(f"ONNX_SAP_LIBRARY={override} does not exist; unset it or point it at {LIBRARY_NAME}")
+        return override
+    path = resources.files("onnx_sap").joinpath(LIBRARY_NAME)
+    if not path.is_file():
+        raise OnnxSapError(f"{LIBRARY_NAME} is not installed beside onnx_sap; reinstall with `pip install .`")
+    return str(path)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(get_library_path())
+    lib.onnx_sap_has_cuda.restype = ctypes.c_int
+    return lib
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the installed library was built with the CUDA kernels."""
+    return bool(_library().onnx_sap_has_cuda())
+
+
+def provider_name(provider: str) -> str:
+    """Map ``cpu``/``cuda`` (or a full ONNX Runtime provider name) to the provider name."""
+    name = _PROVIDER_NAMES.get(provider.lower(), provider)
+    if name not in _PROVIDER_NAMES.values():
+        raise OnnxSapError(f"unknown provider {provider!r}; use 'cpu' or 'cuda'")
+    return name
+
+
+def session_options(threads: int | None = None, base=None):
+    """SessionOptions with the op library registered (optionally with ``threads`` intra-op threads)."""
+    import onnxruntime as ort
+
+    opts = base if base is not None else ort.SessionOptions()
+    opts.register_custom_ops_library(get_library_path())
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
+def make_session(
+    model: str | os.PathLike | bytes | onnx.ModelProto,
+    provider: str = "cpu",
+    *,
+    threads: int | None = None,
+    options=None,
+):
+    """An ``onnxruntime.InferenceSession`` for ``model`` with the SAP library registered.
+
+    ``provider`` is ``cpu`` or ``cuda``. Asking for CUDA where ONNX Runtime would silently run on the
+    CPU (no onnxruntime-gpu, no GPU, no CUDA kernels in the library) raises :class:`OnnxSapError`.
+    """
+    import onnxruntime as ort
+
+    wanted = provider_name(provider)
+    if wanted == "CUDAExecutionProvider":
+        if wanted not in ort.get_available_providers():
+            raise OnnxSapError(
+                "this onnxruntime has no CUDA provider; swap it for onnxruntime-gpu (README: GPU) or use --provider cpu"
+            )
+        if not has_cuda_kernels():
+            raise OnnxSapError("the op library was built without CUDA kernels; rebuild with ONNX_SAP_CUDA=ON")
+    providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        model = os.fspath(model)
+    sess = ort.InferenceSession(model, sess_options=session_options(threads, options), providers=providers)
+    if wanted not in sess.get_providers():
+        raise OnnxSapError(f"ONNX Runtime fell back from {wanted} to {sess.get_providers()}; check the CUDA install")
+    return sess
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices the library's static CUDA runtime sees (0 without CUDA kernels or GPU)."""
+    if not has_cuda_kernels():
+        return 0
+    lib = _library()
+    lib.onnx_sap_cuda_device_count.restype = ctypes.c_int
+    return int(lib.onnx_sap_cuda_device_count())
+
+
+_DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float16): 10, np.dtype(np.float64): 11}
+
+
+def run_cuda_kernel(
+    x: np.ndarray,
+    *,
+    key: int,
+    call: int = 0,
+    ratio: float = 1.0,
+    samples: int = 0,
+    mode: str = "multinomial",
+    axis: int = 1,
+) -> np.ndarray:
+    """Run the CUDA kernel on host data through the library's C entry point (no onnxruntime-gpu needed).
+
+    ``key`` is the 64-bit Philox key (``reference.derive_key(seed, stream)``) and ``call`` the call index.
+    """
+    if cuda_device_count() == 0:
+        raise OnnxSapError("no CUDA device (or no CUDA kernels in the library)")
+    x = np.ascontiguousarray(x)
+    if x.dtype not in _DTYPE_CODES:
+        raise OnnxSapError(f"dtype {x.dtype} is not supported; use float32, float16 or float64")
+    examples = int(np.prod(x.shape[:axis], dtype=np.int64))
+    m = int(np.prod(x.shape[axis:], dtype=np.int64))
+    y = np.empty_like(x)
+    lib = _library()
+    fn = lib.onnx_sap_cuda_run
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                   ctypes.c_double, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32]
+    rc = fn(x.ctypes.data, y.ctypes.data, _DTYPE_CODES[x.dtype], examples, m, 1 if mode == "bernoulli" else 0,
+            float(np.float32(ratio)), samples, key & ((1 << 64) - 1), call & 0xFFFFFFFF)
+    if rc != 0:
+        lib.onnx_sap_cuda_last_error.restype = ctypes.c_char_p
+        raise OnnxSapError(f"CUDA kernel failed: {lib.onnx_sap_cuda_last_error().decode()}")
+    return y
