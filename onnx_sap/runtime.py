@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -29,9 +30,14 @@ def get_library_path() -> str:
             raise OnnxSapError(f"ONNX_SAP_LIBRARY={override} does not exist; unset it or point it at {LIBRARY_NAME}")
         return override
     path = resources.files("onnx_sap").joinpath(LIBRARY_NAME)
-    if not path.is_file():
-        raise OnnxSapError(f"{LIBRARY_NAME} is not installed beside onnx_sap; reinstall with `pip install .`")
-    return str(path)
+    if path.is_file():
+        return str(path)
+    # Running from a source checkout (its onnx_sap/ first on sys.path): use the installed build.
+    for entry in sys.path:
+        candidate = Path(entry or ".") / "onnx_sap" / LIBRARY_NAME
+        if candidate.is_file():
+            return str(candidate)
+    raise OnnxSapError(f"{LIBRARY_NAME} is not installed; build and install the package with `pip install .`")
 
 
 @functools.cache

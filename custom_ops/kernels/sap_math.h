@@ -146,20 +146,39 @@ SAP_HD void store(Half* p, int64_t i, double v) { p[i].bits = double_to_half_bit
 // q = 1 - (1 - p)^r, in float64 as SPEC.md writes it.
 SAP_HD double keep_probability(double p, double r) { return -expm1(r * log1p(-p)); }
 
-// Sum of |x| over [begin, end) of one example, in float64. Four accumulators keep the adds
-// independent so the loop pipelines.
+// Error-free addition (Knuth's TwoSum): s + err == a + b exactly.
+SAP_HD void two_sum(double a, double b, double& s, double& err) {
+  s = a + b;
+  const double bp = s - a;
+  err = (a - (s - bp)) + (b - bp);
+}
+
+// Sum of |x| over [begin, end) of one example, in float64 with compensation, so that every
+// implementation lands within about an ulp of the exact S whatever its chunking (float64 outputs
+// are compared to 4 ulps). Four independent lanes keep the loop pipelined.
 template <typename T>
 SAP_HD double abs_sum(const T* x, int64_t begin, int64_t end) {
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  double s[4] = {0, 0, 0, 0}, c[4] = {0, 0, 0, 0};
   int64_t i = begin;
   for (; i + 4 <= end; i += 4) {
-    s0 += fabs(load(x, i));
-    s1 += fabs(load(x, i + 1));
-    s2 += fabs(load(x, i + 2));
-    s3 += fabs(load(x, i + 3));
+    for (int l = 0; l < 4; ++l) {
+      double e;
+      two_sum(s[l], fabs(load(x, i + l)), s[l], e);
+      c[l] += e;
+    }
   }
-  for (; i < end; ++i) s0 += fabs(load(x, i));
-  return (s0 + s1) + (s2 + s3);
+  for (; i < end; ++i) {
+    double e;
+    two_sum(s[0], fabs(load(x, i)), s[0], e);
+    c[0] += e;
+  }
+  double total = 0, comp = 0;
+  for (int l = 0; l < 4; ++l) {
+    double e;
+    two_sum(total, s[l], total, e);
+    comp += e + c[l];
+  }
+  return total + comp;
 }
 
 // Whether a per-example sum lets SAP act: S = 0 or a non-finite S means pass-through.
@@ -353,7 +372,14 @@ SAP_HD void partial_sum_task(const Layout& l, const T* x, double* scratch, const
 SAP_HD void prefix_task(const Layout& l, double* scratch, int64_t n) {
   double* c = scratch + n * l.c_stride();
   c[0] = 0;
-  for (int64_t i = 1; i <= l.elem_chunks; ++i) c[i] += c[i - 1];
+  double comp = 0;  // compensated, like abs_sum, so S stays within about an ulp
+  for (int64_t i = 1; i <= l.elem_chunks; ++i) {
+    double hi, e;
+    two_sum(c[i - 1], c[i], hi, e);
+    comp += e;
+    c[i] = hi + comp;
+    comp -= c[i] - hi;
+  }
   double* g = scratch + l.examples * l.c_stride() + n * l.g_stride();
   g[0] = 0;
   for (int64_t i = 1; i <= l.var_chunks; ++i) g[i] += g[i - 1];

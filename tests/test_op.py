@@ -1,0 +1,140 @@
+"""The C++ CPU kernel, through ONNX Runtime, against the NumPy reference and SPEC.md's edge cases."""
+
+import threading
+
+import numpy as np
+import pytest
+from helpers import assert_matches_reference, sap_model
+
+from onnx_sap import make_session, reference
+
+CASES = [
+    # shape, axis, dtype, mode, seed, stream
+    ((2, 5), 1, np.float32, "bernoulli", 1, 0),
+    ((2, 5), 1, np.float32, "multinomial", 1, 0),
+    ((3, 4, 6, 6), 1, np.float32, "multinomial", 11, 2),
+    ((3, 4, 6, 6), 2, np.float32, "bernoulli", 12, 7),
+    ((3, 4, 6, 6), 0, np.float32, "multinomial", 13, 1),
+    ((2, 70000), 1, np.float32, "multinomial", 3, 5),   # many chunks per example
+    ((2, 70000), 1, np.float32, "bernoulli", 4, 5),
+    ((1, 3, 50000), 2, np.float32, "multinomial", 2**40 + 3, 2**33),
+    ((4, 16, 10), 1, np.float16, "multinomial", 5, 0),
+    ((4, 16, 10), 1, np.float16, "bernoulli", 6, 0),
+    ((4, 16, 10), 1, np.float64, "multinomial", 7, 3),
+    ((4, 16, 10), 1, np.float64, "bernoulli", 8, 3),
+    ((7,), 0, np.float32, "multinomial", 9, 0),
+    ((5, 1), 1, np.float32, "bernoulli", 10, 0),
+]
+
+
+def _input(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * rng.uniform(0.1, 10)
+    x[rng.random(shape) < 0.4] = 0  # activations are sparse after a ReLU
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("shape, axis, dtype, mode, seed, stream", CASES)
+@pytest.mark.parametrize("r_attrs", [{}, {"ratio": 0.3}, {"samples": 17}])
+def test_op_matches_reference(shape, axis, dtype, mode, seed, stream, r_attrs):
+    attrs = dict(mode=mode, axis=axis, seed=seed, stream=stream, **r_attrs)
+    sess = make_session(sap_model(dtype, **attrs))
+    x = _input(shape, dtype, seed)
+    for call in range(3):  # the n-th run of a session is the reference's call n
+        y = sess.run(None, {"x": x})[0]
+        assert_matches_reference(y, x, call=call, **attrs)
+
+
+def test_sessions_restart_the_call_counter_and_streams_differ():
+    x = _input((2, 300), np.float32)
+    a = make_session(sap_model(seed=5, stream=0)).run(None, {"x": x})[0]
+    b = make_session(sap_model(seed=5, stream=0)).run(None, {"x": x})[0]
+    c = make_session(sap_model(seed=5, stream=1)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a != 0, c != 0)
+
+
+def test_seed_zero_draws_fresh_entropy_every_run_and_session():
+    x = _input((1, 4000), np.float32)
+    masks = []
+    for _ in range(2):
+        sess = make_session(sap_model(mode="bernoulli", seed=0))
+        masks += [sess.run(None, {"x": x})[0] != 0 for _ in range(2)]
+    for i in range(len(masks)):
+        for j in range(i):
+            assert not np.array_equal(masks[i], masks[j])
+
+
+def test_concurrent_runs_get_distinct_call_indices():
+    attrs = dict(mode="bernoulli", seed=21, stream=4)
+    sess = make_session(sap_model(**attrs))
+    x = _input((2, 5000), np.float32)
+    outs = [None] * 8
+    start = threading.Barrier(8)
+
+    def worker(i):
+        start.wait()
+        outs[i] = sess.run(None, {"x": x})[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = [reference.sap(x, call=c, **attrs) for c in range(8)]
+    calls = [next(c for c in range(8) if np.array_equal(o, expected[c])) for o in outs]
+    assert sorted(calls) == list(range(8))
+
+
+@pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
+def test_nonfinite_and_zero_examples_pass_through(mode):
+    x = _input((5, 64), np.float32)
+    x[0, 3] = np.nan
+    x[1, 0] = np.inf
+    x[2, 7] = -np.inf
+    x[3] = 0
+    y = make_session(sap_model(mode=mode, seed=3)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y[:4], x[:4])  # NaN positions compare equal here
+    assert np.all(np.isfinite(y[4]))
+    assert_matches_reference(y, x, call=0, mode=mode, seed=3)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (2, 0, 4)])
+def test_empty_tensors(shape):
+    x = np.zeros(shape, np.float32)
+    y = make_session(sap_model(seed=1)).run(None, {"x": x})[0]
+    assert y.shape == shape
+
+
+@pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
+def test_huge_magnitudes_sum_in_float64(mode):
+    # The float32 sum of |x| would overflow; SPEC.md sums in float64, so SAP still acts.
+    x = np.full((2, 100), 1e37, np.float32)
+    x[1, ::2] = -3e36
+    y = make_session(sap_model(mode=mode, seed=8)).run(None, {"x": x})[0]
+    assert np.all(np.isfinite(y)) and (y == 0).any()
+    assert_matches_reference(y, x, call=0, mode=mode, seed=8)
+
+
+BAD = [
+    ({"mode": "gaussian"}, "attribute 'mode' is 'gaussian'"),
+    ({"ratio": 0.0}, "attribute 'ratio' is 0"),
+    ({"ratio": -1.5}, "attribute 'ratio' is -1.5"),
+    ({"ratio": float("inf")}, "attribute 'ratio' is inf"),
+    ({"ratio": float("nan")}, "attribute 'ratio' is nan"),
+    ({"samples": -2}, "attribute 'samples' is -2"),
+    ({"axis": -1}, "attribute 'axis' is -1"),
+]
+
+
+@pytest.mark.parametrize("attrs, message", BAD)
+def test_bad_attributes_fail_at_session_creation(attrs, message):
+    with pytest.raises(Exception, match="node 'sap_node'") as err:
+        make_session(sap_model(**attrs))
+    assert message in str(err.value)
+
+
+def test_axis_past_rank_fails_at_first_run():
+    sess = make_session(sap_model(axis=3))
+    with pytest.raises(Exception, match="node 'sap_node': attribute 'axis' is 3; .*rank 2"):
+        sess.run(None, {"x": np.ones((2, 3), np.float32)})
