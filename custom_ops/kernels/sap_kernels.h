@@ -12,9 +12,12 @@ namespace onnx_sap {
 enum class DType : int { kFloat32 = 1, kFloat16 = 10, kFloat64 = 11 };  // ONNX TensorProto codes
 
 // Elements per chunk: large on the CPU (a chunk is one thread-pool task), small on the GPU (a chunk
-// is one thread's serial walk).
+// is one thread's serial walk). Variate chunks are small on both: locating a chunk's first sample
+// walks up to one variate chunk.
 constexpr int64_t kCpuChunk = 16384;
+constexpr int64_t kCpuVarChunk = 1024;
 constexpr int64_t kCudaChunk = 256;
+constexpr int64_t kCudaVarChunk = 256;
 
 // Runs fn(ctx, i) for i in [0, total), in parallel where the caller can.
 using ParallelForFn = void (*)(void* runner, void (*fn)(void*, size_t), size_t total, void* ctx);

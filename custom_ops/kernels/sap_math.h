@@ -10,8 +10,11 @@
 #include <cstdint>
 #include <cstring>
 
+// Always inlined: the CPU driver's AVX2 clones (sap_cpu.cc) only vectorize what is inlined into them.
 #if defined(__CUDACC__)
 #define SAP_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define SAP_HD inline __attribute__((always_inline))
 #else
 #define SAP_HD inline
 #endif
@@ -21,7 +24,7 @@ namespace onnx_sap {
 enum class Mode : int { kMultinomial = 0, kBernoulli = 1 };
 
 // ---------------------------------------------------------------------------------------------
-// Random stream: splitmix64 key derivation and Philox4x32-10.
+// Random stream: splitmix64 key derivation (Philox4x32-10 itself is uniform_run, below).
 
 SAP_HD uint64_t splitmix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
@@ -33,39 +36,19 @@ SAP_HD uint64_t splitmix64(uint64_t z) {
 // K = splitmix64(seed XOR splitmix64(stream)); k0 = low 32 bits, k1 = high 32 bits.
 SAP_HD uint64_t derive_key(uint64_t seed, uint64_t stream) { return splitmix64(seed ^ splitmix64(stream)); }
 
-struct Philox4 {
-  uint32_t v[4];
-};
-
-SAP_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
-    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
-    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return Philox4{{c0, c1, c2, c3}};
-}
-
 // The per-call stream parameters shared by every position of one node's call.
 struct StreamKey {
   uint32_t k0, k1;  // Philox key
   uint32_t call;    // c, the node's call index modulo 2^32
 };
 
-SAP_HD double word_to_uniform(uint32_t w) { return (static_cast<double>(w) + 0.5) * (1.0 / 4294967296.0); }
-
-// Writes the 4 uniforms of the Philox block holding positions 4*block .. 4*block+3 of example n.
-SAP_HD void uniform_block(const StreamKey& key, uint64_t block, uint32_t n, double u[4]) {
-  const Philox4 w = philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), n, key.call,
-                                  key.k0, key.k1);
-  for (int t = 0; t < 4; ++t) u[t] = word_to_uniform(w.v[t]);
+SAP_HD double word_to_uniform(uint32_t w) {
+  // (w + 0.5) / 2^32, exact; w goes to double through the 2^52 trick, since unsigned 32-bit to
+  // double has no vector instruction before AVX-512.
+  uint64_t b = 0x4330000000000000ull | w;
+  double d;
+  memcpy(&d, &b, sizeof d);
+  return (d - 4503599627370496.0 + 0.5) * (1.0 / 4294967296.0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -143,8 +126,154 @@ SAP_HD void store(Half* p, int64_t i, double v) { p[i].bits = double_to_half_bit
 // ---------------------------------------------------------------------------------------------
 // Per-chunk math.
 
-// q = 1 - (1 - p)^r, in float64 as SPEC.md writes it.
+// q = 1 - (1 - p)^r, in float64 as SPEC.md writes it, with the C library's log1p and expm1.
 SAP_HD double keep_probability(double p, double r) { return -expm1(r * log1p(-p)); }
+
+// Branch-free float64 polynomials for the hot loops, written so that compilers vectorize them (the C
+// library's scalar log1p/expm1/log dominate otherwise). Relative error below 1e-10: far inside
+// SPEC.md's decision band (1e-5) and well under a float32 ulp (6e-8), so float32/float16 outputs
+// stay within an ulp of the reference. float64 outputs use keep_probability above, since they are
+// compared to 4 float64 ulps.
+namespace fast {
+
+SAP_HD uint64_t bits_of(double d) {
+  uint64_t b;
+  memcpy(&b, &d, sizeof b);
+  return b;
+}
+SAP_HD double double_of(uint64_t b) {
+  double d;
+  memcpy(&d, &b, sizeof d);
+  return d;
+}
+
+// Largest p for which the series of -log1p(-p) below is used; larger p (at most 256 per example,
+// since the p sum to 1) go through the C library.
+constexpr double kSeriesMaxP = 1.0 / 256;
+
+// -log1p(-p) = p + p^2/2 + ... + p^6/6 for 0 <= p <= 1/256 (truncation < 1e-15 relative).
+SAP_HD double neg_log1m_series(double p) {
+  double s = 1.0 / 6;
+  s = s * p + 1.0 / 5; s = s * p + 1.0 / 4; s = s * p + 1.0 / 3; s = s * p + 1.0 / 2; s = s * p + 1.0;
+  return s * p;
+}
+
+// exp(z) for -708 <= z <= 0: z = k ln2 + f, |f| <= ln2/2, exp(f) by its Taylor series to f^9
+// (truncation < 2e-11 relative).
+SAP_HD double exp_nonpositive(double z) {
+  const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+  const double kd_shifted = z * 1.4426950408889634 + shifter;
+  const double kd = kd_shifted - shifter;
+  const double f = (z - kd * 6.93147180369123816490e-01) - kd * 1.90821492927058770002e-10;
+  double e = 1.0 / 362880.0;  // 1/9!
+  e = e * f + 1.0 / 40320.0; e = e * f + 1.0 / 5040.0; e = e * f + 1.0 / 720.0; e = e * f + 1.0 / 120.0;
+  e = e * f + 1.0 / 24.0;    e = e * f + 1.0 / 6.0;    e = e * f + 0.5;         e = e * f + 1.0;
+  e = e * f + 1.0;
+  const int64_t k = static_cast<int64_t>(bits_of(kd_shifted) - bits_of(shifter));
+  return e * double_of(static_cast<uint64_t>(k + 1023) << 52);
+}
+
+// -expm1(z) for z <= 0: Taylor series to z^11 near 0 (no cancellation; truncation < 1e-11
+// relative), 1 - exp(z) below -1/2.
+SAP_HD double neg_expm1(double z) {
+  const double zc = z < -708.0 ? -708.0 : z;
+  const double t = zc < -0.5 ? -0.5 : zc;
+  double e = 1.0 / 479001600.0;  // 1/12!
+  e = e * t + 1.0 / 39916800.0; e = e * t + 1.0 / 3628800.0; e = e * t + 1.0 / 362880.0;
+  e = e * t + 1.0 / 40320.0;
+  e = e * t + 1.0 / 5040.0;       e = e * t + 1.0 / 720.0;       e = e * t + 1.0 / 120.0;
+  e = e * t + 1.0 / 24.0;         e = e * t + 1.0 / 6.0;         e = e * t + 0.5;
+  e = e * t + 1.0;
+  const double near = -(e * t);
+  const double far = 1.0 - exp_nonpositive(zc);
+  return zc < -0.5 ? far : near;
+}
+
+// -log(u) for 0 < u < 1: u = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m-1)/(m+1)).
+// The exponent is turned into a double with the 2^52 trick: int64 -> double conversion does not
+// vectorize before AVX-512.
+SAP_HD double neg_log_unit(double u) {
+  const uint64_t b = bits_of(u);
+  const double e_biased = double_of((b >> 52) | 0x4330000000000000ull) - 4503599627370496.0;  // e + 1023
+  const double m0 = double_of((b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);
+  const bool big = m0 > 1.4142135623730951;
+  const double m = big ? m0 * 0.5 : m0;
+  const double e = e_biased - (big ? 1022.0 : 1023.0);
+  const double s = (m - 1.0) / (m + 1.0);
+  const double s2 = s * s;
+  double t = 1.0 / 13;  // atanh series to s^13: truncation < 2e-12 relative
+  t = t * s2 + 1.0 / 11; t = t * s2 + 1.0 / 9;  t = t * s2 + 1.0 / 7;  t = t * s2 + 1.0 / 5;
+  t = t * s2 + 1.0 / 3;  t = t * s2 + 1.0;
+  return -((e * 6.93147180369123816490e-01 + 2.0 * s * t) + e * 1.90821492927058770002e-10);
+}
+
+}  // namespace fast
+
+// Elements (and variates) handled per step of the block loops below: large on the CPU so the inner
+// loops vectorize, one Philox block on the GPU where each thread is already one lane.
+#if defined(__CUDA_ARCH__)
+constexpr int kBlock = 4;
+#else
+constexpr int kBlock = 64;
+#endif
+
+// Uniforms of kBlock consecutive stream positions starting at position 4 * first_block. Lane-major
+// arrays so that the ten Philox rounds vectorize across blocks.
+SAP_HD void uniform_run(const StreamKey& key, uint64_t first_block, uint32_t n, double u[kBlock]) {
+  constexpr int L = kBlock / 4;
+  // 32-bit words held in 64-bit lanes: the 32x32->64 products then map onto one vector multiply.
+  uint64_t c0[L], c1[L], c2[L], c3[L];
+  for (int l = 0; l < L; ++l) {
+    const uint64_t b = first_block + static_cast<uint64_t>(l);
+    c0[l] = b & 0xFFFFFFFFu;
+    c1[l] = b >> 32;
+    c2[l] = n;
+    c3[l] = key.call;
+  }
+  uint64_t k0 = key.k0, k1 = key.k1;
+  for (int round = 0; round < 10; ++round) {
+    for (int l = 0; l < L; ++l) {
+      const uint64_t p0 = 0xD2511F53ull * c0[l];
+      const uint64_t p1 = 0xCD9E8D57ull * c2[l];
+      const uint64_t n0 = (p1 >> 32) ^ c1[l] ^ k0;
+      const uint64_t n2 = (p0 >> 32) ^ c3[l] ^ k1;
+      c1[l] = p1 & 0xFFFFFFFFu;
+      c3[l] = p0 & 0xFFFFFFFFu;
+      c0[l] = n0;
+      c2[l] = n2;
+    }
+    k0 = (k0 + 0x9E3779B9u) & 0xFFFFFFFFu;
+    k1 = (k1 + 0xBB67AE85u) & 0xFFFFFFFFu;
+  }
+  for (int l = 0; l < L; ++l) {
+    u[4 * l + 0] = word_to_uniform(static_cast<uint32_t>(c0[l]));
+    u[4 * l + 1] = word_to_uniform(static_cast<uint32_t>(c1[l]));
+    u[4 * l + 2] = word_to_uniform(static_cast<uint32_t>(c2[l]));
+    u[4 * l + 3] = word_to_uniform(static_cast<uint32_t>(c3[l]));
+  }
+}
+
+// q for a run of elements: the vectorized polynomials, except for float64 outputs and for the few
+// elements with p > 1/16, which take the C library's functions.
+template <typename T>
+SAP_HD void keep_probabilities(const double* a, int len, double sum, double r, double* q) {
+  if (sizeof(T) == sizeof(double)) {
+    for (int i = 0; i < len; ++i) q[i] = keep_probability(a[i] / sum, r);
+    return;
+  }
+  int large = 0;
+  const double inv_sum = 1.0 / sum;  // within an ulp of a / sum: enough outside float64 outputs
+  for (int i = 0; i < len; ++i) {
+    const double p = a[i] * inv_sum;
+    large += p > fast::kSeriesMaxP;
+    q[i] = fast::neg_expm1(-r * fast::neg_log1m_series(p > fast::kSeriesMaxP ? 0.0 : p));
+  }
+  if (large) {
+    for (int i = 0; i < len; ++i) {
+      if (a[i] / sum > fast::kSeriesMaxP) q[i] = keep_probability(a[i] / sum, r);
+    }
+  }
+}
 
 // Error-free addition (Knuth's TwoSum): s + err == a + b exactly.
 SAP_HD void two_sum(double a, double b, double& s, double& err) {
@@ -190,26 +319,32 @@ SAP_HD void copy_range(const T* x, T* y, int64_t begin, int64_t end) {
   for (int64_t j = begin; j < end; ++j) y[j] = x[j];
 }
 
-// Bernoulli mode on elements [begin, end) of example n (x, y point at the example's start).
+// q of one element, with the same precision policy as keep_probabilities.
+template <typename T>
+SAP_HD double keep_probability_of(double a, double sum, double r) {
+  double q;
+  keep_probabilities<T>(&a, 1, sum, r, &q);
+  return q;
+}
+
+// Bernoulli mode on elements [begin, end) of example n (x, y point at the example's start; begin is
+// a multiple of 4, so runs start on Philox block boundaries).
 template <typename T>
 SAP_HD void bernoulli_range(const T* x, T* y, int64_t begin, int64_t end, double sum, double r,
                             const StreamKey& key, uint32_t n) {
-  const double inv_sum = 1.0 / sum;
-  int64_t j = begin;
-  while (j < end) {
-    const uint64_t block = static_cast<uint64_t>(j) >> 2;
-    double u[4];
-    uniform_block(key, block, n, u);
-    const int64_t block_end = static_cast<int64_t>(block * 4 + 4) < end ? static_cast<int64_t>(block * 4 + 4) : end;
-    for (; j < block_end; ++j) {
-      const double xj = load(x, j);
-      const double a = fabs(xj);
-      double out = 0.0;
-      if (a > 0.0) {
-        const double q = keep_probability(a * inv_sum, r);
-        if (u[j & 3] < q) out = xj / q;
-      }
-      store(y, j, out);
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int len = end - b < kBlock ? static_cast<int>(end - b) : kBlock;
+    double u[kBlock], xs[kBlock], a[kBlock], q[kBlock];
+    uniform_run(key, static_cast<uint64_t>(b) >> 2, n, u);
+    for (int i = 0; i < len; ++i) {
+      xs[i] = load(x, b + i);
+      a[i] = fabs(xs[i]);
+    }
+    keep_probabilities<T>(a, len, sum, r, q);
+    for (int i = 0; i < len; ++i) {
+      // q = 0 exactly where a = 0, and u > 0: such elements are never kept.
+      const double scaled = xs[i] / (q[i] > 0.0 ? q[i] : 1.0);
+      store(y, b + i, u[i] < q[i] ? scaled : 0.0);
     }
   }
 }
@@ -217,16 +352,20 @@ SAP_HD void bernoulli_range(const T* x, T* y, int64_t begin, int64_t end, double
 // The multinomial sampler draws r samples from r + 1 exponential variates E_i = -log(u_i).
 // G_k = E_0 + ... + E_k; sample k sits at T_k * S = (G_k / G_r) * S.
 
-// Sum of E_i over variates [begin, end).
+// E_i = -log(u_i) for kBlock variates starting at position 4 * first_block.
+SAP_HD void exponential_run(const StreamKey& key, uint64_t first_block, uint32_t n, double e[kBlock]) {
+  uniform_run(key, first_block, n, e);
+  for (int i = 0; i < kBlock; ++i) e[i] = fast::neg_log_unit(e[i]);
+}
+
+// Sum of E_i over variates [begin, end); begin is a multiple of 4.
 SAP_HD double exponential_sum(const StreamKey& key, uint64_t begin, uint64_t end, uint32_t n) {
   double s = 0;
-  uint64_t i = begin;
-  while (i < end) {
-    const uint64_t block = i >> 2;
-    double u[4];
-    uniform_block(key, block, n, u);
-    const uint64_t block_end = block * 4 + 4 < end ? block * 4 + 4 : end;
-    for (; i < block_end; ++i) s += -log(u[i & 3]);
+  for (uint64_t b = begin; b < end; b += kBlock) {
+    double e[kBlock];
+    exponential_run(key, b >> 2, n, e);
+    const int len = end - b < static_cast<uint64_t>(kBlock) ? static_cast<int>(end - b) : kBlock;
+    for (int i = 0; i < len; ++i) s += e[i];
   }
   return s;
 }
@@ -236,15 +375,17 @@ SAP_HD double exponential_sum(const StreamKey& key, uint64_t begin, uint64_t end
 // bit-identical positions for the same k whichever chunk of elements it serves.
 struct SampleCursor {
   const double* g_before;  // g_before[d] = sum of E over variate chunks < d
-  int64_t chunk;           // variates per chunk (a multiple of 4)
+  int64_t chunk;           // variates per chunk (a multiple of kBlock)
+  double scale;            // S / G_r: sample k sits at G_k * scale
   uint64_t k;              // current sample index
   double g;                // G_k
-  double u[4];             // uniforms of k's Philox block
+  double e[kBlock];        // E of the kBlock variates around k
 
+  SAP_HD double position() const { return g * scale; }
   SAP_HD void seek_chunk_start(const StreamKey& key, uint32_t n, int64_t d) {
     k = static_cast<uint64_t>(d) * static_cast<uint64_t>(chunk);
-    uniform_block(key, k >> 2, n, u);
-    g = g_before[d] + -log(u[0]);
+    exponential_run(key, k >> 2, n, e);
+    g = g_before[d] + e[0];
   }
   SAP_HD void advance(const StreamKey& key, uint32_t n) {
     ++k;
@@ -252,34 +393,35 @@ struct SampleCursor {
       seek_chunk_start(key, n, static_cast<int64_t>(k / static_cast<uint64_t>(chunk)));
       return;
     }
-    if ((k & 3) == 0) uniform_block(key, k >> 2, n, u);
-    g += -log(u[k & 3]);
+    if (k % kBlock == 0) exponential_run(key, k >> 2, n, e);
+    g += e[k % kBlock];
   }
 };
 
-// Finds the first sample k < r whose position (G_k / G_r) * S is >= bound, returning r if none.
-// The variate-chunk prefix table narrows the search to one chunk, which is then walked.
+// Finds the first sample k < r whose position is >= bound, returning r if none. The variate-chunk
+// prefix table narrows the search to one chunk, which is then walked.
 SAP_HD uint64_t first_sample_at_or_after(SampleCursor cur, const StreamKey& key, uint32_t n, uint64_t r,
-                                         int64_t n_var_chunks, double g_total, double sum, double bound) {
+                                         int64_t n_var_chunks, double bound) {
   if (bound <= 0.0) return 0;
-  // Largest chunk d whose start is certainly below the bound (checked again by the walk).
+  // Largest chunk d whose start is below the bound (the walk below settles the exact sample).
   int64_t lo = 0, hi = n_var_chunks - 1;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (cur.g_before[mid] / g_total * sum < bound) lo = mid; else hi = mid - 1;
+    if (cur.g_before[mid] * cur.scale < bound) lo = mid; else hi = mid - 1;
   }
   cur.seek_chunk_start(key, n, lo);
-  while (cur.k < r && cur.g / g_total * sum < bound) cur.advance(key, n);
+  while (cur.k < r && cur.position() < bound) cur.advance(key, n);
   return cur.k < r ? cur.k : r;
 }
 
 // Multinomial mode on elements [begin, end) of example n, which own the samples [k_begin, k_end).
-// c_before is the sum of |x| over elements before `begin`.
+// c_before is the sum of |x| over elements before `begin`. Per run of kBlock elements: the prefix
+// sums C, the positions of the samples landing in the run, each sample's element (the first whose C
+// exceeds its position), then q and y as in bernoulli_range.
 template <typename T>
 SAP_HD void multinomial_range(const T* x, T* y, int64_t begin, int64_t end, double c_before, uint64_t k_begin,
-                              uint64_t k_end, SampleCursor cur, const StreamKey& key, uint32_t n, double g_total,
-                              double sum, double r) {
-  const double inv_sum = 1.0 / sum;
+                              uint64_t k_end, SampleCursor cur, const StreamKey& key, uint32_t n, double sum,
+                              double r) {
   if (k_begin < k_end) {
     cur.seek_chunk_start(key, n, static_cast<int64_t>(k_begin / static_cast<uint64_t>(cur.chunk)));
     while (cur.k < k_begin) cur.advance(key, n);
@@ -288,22 +430,44 @@ SAP_HD void multinomial_range(const T* x, T* y, int64_t begin, int64_t end, doub
   }
   double c = c_before;
   int64_t last_nonzero = -1;
-  for (int64_t j = begin; j < end; ++j) {
-    const double xj = load(x, j);
-    const double a = fabs(xj);
-    c += a;
-    bool hit = false;
-    while (cur.k < k_end && cur.g / g_total * sum < c) {
-      hit = true;
-      cur.advance(key, n);
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int len = end - b < kBlock ? static_cast<int>(end - b) : kBlock;
+    double xs[kBlock], a[kBlock], bound[kBlock], pos[kBlock], q[kBlock];
+    int hit[kBlock];
+    for (int i = 0; i < len; ++i) {
+      xs[i] = load(x, b + i);
+      a[i] = fabs(xs[i]);
+      c += a[i];
+      bound[i] = c;
+      hit[i] = 0;
+      if (a[i] > 0.0) last_nonzero = b + i;
     }
-    if (a > 0.0) last_nonzero = j;
-    store(y, j, hit ? xj / keep_probability(a * inv_sum, r) : 0.0);
+    for (int i = len; i < kBlock; ++i) bound[i] = INFINITY;
+    for (;;) {
+      int np = 0;
+      while (np < kBlock && cur.k < k_end && cur.position() < c) {
+        pos[np++] = cur.position();
+        cur.advance(key, n);
+      }
+      // Branch-free binary search per sample: independent searches overlap, where a merge walk
+      // would be one long dependency chain. idx = number of bounds <= pos (bounds past len are +inf).
+      for (int t = 0; t < np; ++t) {
+        int idx = 0;
+        for (int step = kBlock / 2; step >= 1; step /= 2) idx += bound[idx + step - 1] <= pos[t] ? step : 0;
+        hit[idx] = 1;
+      }
+      if (np < kBlock) break;
+    }
+    keep_probabilities<T>(a, len, sum, r, q);
+    for (int j = 0; j < len; ++j) {
+      const double scaled = xs[j] / (q[j] > 0.0 ? q[j] : 1.0);
+      store(y, b + j, hit[j] ? scaled : 0.0);
+    }
   }
   // Samples past the last boundary (rounding only) land on the last element with a_j > 0.
-  if (cur.k < k_end && k_begin < k_end && last_nonzero >= 0) {
+  if (cur.k < k_end && last_nonzero >= 0) {
     const double xj = load(x, last_nonzero);
-    store(y, last_nonzero, xj / keep_probability(fabs(xj) * inv_sum, r));
+    store(y, last_nonzero, xj / keep_probability_of<T>(fabs(xj), sum, r));
   }
 }
 
@@ -329,9 +493,10 @@ struct Layout {
   int64_t m;              // activations per example
   uint64_t r;             // samples per example
   Mode mode;
-  int64_t chunk;          // elements (and variates) per chunk, a multiple of 4
+  int64_t chunk;          // elements per chunk, a multiple of kBlock
+  int64_t var_chunk;      // variates per chunk, a multiple of kBlock
   int64_t elem_chunks;    // ceil(m / chunk)
-  int64_t var_chunks;     // ceil((r + 1) / chunk) in multinomial mode, else 0
+  int64_t var_chunks;     // ceil((r + 1) / var_chunk) in multinomial mode, else 0
 
   SAP_HD int64_t c_stride() const { return elem_chunks + 1; }
   SAP_HD int64_t g_stride() const { return var_chunks + 1; }
@@ -341,10 +506,10 @@ struct Layout {
   SAP_HD int64_t apply_tasks() const { return examples * elem_chunks; }
 };
 
-inline Layout make_layout(int64_t examples, int64_t m, uint64_t r, Mode mode, int64_t chunk) {
-  Layout l{examples, m, r, mode, chunk, 0, 0};
+inline Layout make_layout(int64_t examples, int64_t m, uint64_t r, Mode mode, int64_t chunk, int64_t var_chunk) {
+  Layout l{examples, m, r, mode, chunk, var_chunk, 0, 0};
   l.elem_chunks = (m + chunk - 1) / chunk;
-  if (mode == Mode::kMultinomial) l.var_chunks = static_cast<int64_t>((r + 1 + chunk - 1) / chunk);
+  if (mode == Mode::kMultinomial) l.var_chunks = static_cast<int64_t>((r + 1 + var_chunk - 1) / var_chunk);
   return l;
 }
 
@@ -362,8 +527,8 @@ SAP_HD void partial_sum_task(const Layout& l, const T* x, double* scratch, const
   } else {
     const int64_t u = t - elem_tasks;
     const int64_t n = u / l.var_chunks, d = u % l.var_chunks;
-    const uint64_t begin = static_cast<uint64_t>(d * l.chunk);
-    const uint64_t end = begin + l.chunk < l.r + 1 ? begin + l.chunk : l.r + 1;
+    const uint64_t begin = static_cast<uint64_t>(d * l.var_chunk);
+    const uint64_t end = begin + l.var_chunk < l.r + 1 ? begin + l.var_chunk : l.r + 1;
     g_before[n * l.g_stride() + d + 1] = exponential_sum(key, begin, end, static_cast<uint32_t>(n));
   }
 }
@@ -406,12 +571,11 @@ SAP_HD void apply_task(const Layout& l, const T* x, T* y, const double* scratch,
   }
   const double* g_before = scratch + l.examples * l.c_stride() + n * l.g_stride();
   const double g_total = g_before[l.var_chunks];
-  SampleCursor cur{g_before, l.chunk, 0, 0.0, {0, 0, 0, 0}};
-  const uint64_t k_begin = first_sample_at_or_after(cur, key, n32, l.r, l.var_chunks, g_total, sum, c_before[c]);
-  const uint64_t k_end = c + 1 < l.elem_chunks
-                             ? first_sample_at_or_after(cur, key, n32, l.r, l.var_chunks, g_total, sum, c_before[c + 1])
-                             : l.r;
-  multinomial_range(xn, yn, begin, end, c_before[c], k_begin, k_end, cur, key, n32, g_total, sum, r);
+  SampleCursor cur{g_before, l.var_chunk, sum / g_total, 0, 0.0, {}};
+  const uint64_t k_begin = first_sample_at_or_after(cur, key, n32, l.r, l.var_chunks, c_before[c]);
+  const uint64_t k_end =
+      c + 1 < l.elem_chunks ? first_sample_at_or_after(cur, key, n32, l.r, l.var_chunks, c_before[c + 1]) : l.r;
+  multinomial_range(xn, yn, begin, end, c_before[c], k_begin, k_end, cur, key, n32, sum, r);
 }
 
 }  // namespace onnx_sap

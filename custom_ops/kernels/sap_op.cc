@@ -188,12 +188,12 @@ class SapKernel {
     void* y = output.GetTensorMutableRawData();
 
     if (!cuda_) {
-      const Layout layout = make_layout(examples, m, r, attrs_.mode, kCpuChunk);
+      const Layout layout = make_layout(examples, m, r, attrs_.mode, kCpuChunk, kCpuVarChunk);
       run_cpu(dtype, x, y, layout, key, &ort_parallel_for, &ctx);
       return;
     }
 #ifdef ONNX_SAP_WITH_CUDA
-    const Layout layout = make_layout(examples, m, r, attrs_.mode, kCudaChunk);
+    const Layout layout = make_layout(examples, m, r, attrs_.mode, kCudaChunk, kCudaVarChunk);
     Ort::ConstMemoryInfo where = input.GetTensorMemoryInfo();
     Ort::MemoryInfo device_mem("Cuda", OrtDeviceAllocator, where.GetDeviceId(), OrtMemTypeDefault);
     OrtAllocator* allocator = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(device_mem));
