@@ -38,10 +38,10 @@ def _time(fn) -> float:
 def bench_shape(shape, threads: int, rounds: int, ref_rounds: int) -> dict[str, float]:
     x = np.maximum(np.random.default_rng(0).standard_normal(shape, dtype=np.float32), 0)
     sessions = {
-        "relu": make_session(_model("Relu"), threads=threads),
-        "bernoulli": make_session(_model("StochasticActivationPruning", mode="bernoulli", seed=1), threads=threads),
+        "relu": make_session(_model("Relu"), threads=threads, spin=False),
+        "bernoulli": make_session(_model("StochasticActivationPruning", mode="bernoulli", seed=1), threads=threads, spin=False),
         "multinomial": make_session(_model("StochasticActivationPruning", mode="multinomial", seed=1),
-                                    threads=threads),
+                                    threads=threads, spin=False),
     }
     feeds = {"x": x}
     for s in sessions.values():  # warm-up

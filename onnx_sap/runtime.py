@@ -60,14 +60,21 @@ def provider_name(provider: str) -> str:
     return name
 
 
-def session_options(threads: int | None = None, base=None):
-    """SessionOptions with the op library registered (optionally with ``threads`` intra-op threads)."""
+def session_options(threads: int | None = None, base=None, *, spin: bool = True):
+    """SessionOptions with the op library registered.
+
+    ``threads`` sets the intra-op thread count; ``spin=False`` stops idle pool threads from spinning,
+    which matters when several sessions take turns on the same cores (benchmarks).
+    """
     import onnxruntime as ort
 
     opts = base if base is not None else ort.SessionOptions()
     opts.register_custom_ops_library(get_library_path())
     if threads is not None:
         opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return opts
 
 
@@ -76,6 +83,7 @@ def make_session(
     provider: str = "cpu",
     *,
     threads: int | None = None,
+    spin: bool = True,
     options=None,
 ):
     """An ``onnxruntime.InferenceSession`` for ``model`` with the SAP library registered.
@@ -98,7 +106,8 @@ def make_session(
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
         model = os.fspath(model)
-    sess = ort.InferenceSession(model, sess_options=session_options(threads, options), providers=providers)
+    opts = session_options(threads, options, spin=spin)
+    sess = ort.InferenceSession(model, sess_options=opts, providers=providers)
     if wanted not in sess.get_providers():
         raise OnnxSapError(f"ONNX Runtime fell back from {wanted} to {sess.get_providers()}; check the CUDA install")
     return sess
