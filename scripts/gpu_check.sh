@@ -17,4 +17,4 @@ cmake --build "$build"
 cp "$build/custom_ops/libonnx_sap_ops.so" onnx_sap/
 trap 'rm -f onnx_sap/libonnx_sap_ops.so' EXIT
 python3 -c "import onnx_sap; print('CUDA kernels:', onnx_sap.has_cuda_kernels(), 'GPUs:', onnx_sap.cuda_device_count())"
-python3 -m pytest -q -rs tests/test_cuda.py tests/test_op.py tests/test_reference.py "$@"
+python3 -m pytest -q -rs tests/test_cuda.py tests/test_op.py tests/test_reference.py
