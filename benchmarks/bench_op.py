@@ -26,7 +26,8 @@ def _model(op: str, **attrs):
     node = helper.make_node(op, ["x"], ["y"], domain=domain, **attrs)
     vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "y")]
     graph = helper.make_graph([node], "bench", vi[:1], vi[1:])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("onnx_sap", 1)])
+    return helper.make_model(graph, ir_version=9,
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("onnx_sap", 1)])
 
 
 def _time(fn) -> float:
