@@ -1,0 +1,109 @@
+"""File-level API: what the CLI commands do, callable from Python with the same options."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from .check import CheckReport, check_hardened
+from .errors import OnnxSapError
+from .harden import (HardenOptions, HardenResult, Plan, existing_sap_nodes, harden_model, plan_model, strip_model,
+                     with_deterministic_sap)
+from .harden import _import as import_graph
+from .modelio import check_output_path, load_model, save_model, uses_external_data
+
+ModelLike = onnx.ModelProto | str | os.PathLike
+
+
+def _load(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    return load_model(model), Path(model)
+
+
+def default_output(input_path: Path, suffix: str) -> Path:
+    """model.onnx -> model.<suffix>.onnx, beside the input."""
+    stem = input_path.name[:-5] if input_path.name.endswith(".onnx") else input_path.name
+    return input_path.with_name(f"{stem}.{suffix}.onnx")
+
+
+@dataclass
+class HardenReport(HardenResult):
+    """harden's result: the model, the plan, where it was written and what the check found."""
+
+    output: Path | None = None
+    check: CheckReport | None = None
+
+
+def harden(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    options: HardenOptions | None = None,
+    *,
+    check: bool = True,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    **option_values,
+) -> HardenReport:
+    """Harden a model (ModelProto or path) with SAP after its activations.
+
+    Options come as a HardenOptions or as keywords (ratio=, mode=, ...). With a path and no output,
+    the result goes beside the input as model.sap.onnx; with a ModelProto it is written only when
+    output is given. dry_run plans and writes nothing. The check (unless check=False) runs the
+    original and the hardened model in ONNX Runtime before anything is written.
+    """
+    options = options or HardenOptions(**option_values)
+    options.validate()
+    original, in_path = _load(model)
+    out_path = Path(output) if output is not None else (default_output(in_path, "sap") if in_path else None)
+    if out_path is not None and not dry_run:
+        check_output_path(out_path, in_path, overwrite)
+    if dry_run:
+        return HardenReport(original, plan_model(original, options))
+    result = harden_model(original, options)
+    report = HardenReport(result.model, result.plan)
+    portable_multinomial = options.portable and options.mode == "multinomial"
+
+    def run_check(staged: Path | None) -> None:
+        if check:
+            orig = str(in_path) if in_path and not uses_external_data(original) else original
+            if result.plan.existing:  # re-hardening: compare against the old SAP made deterministic
+                orig = with_deterministic_sap(original)
+            report.check = check_hardened(orig, str(staged) if staged else result.model, options,
+                                          portable_multinomial)
+
+    if out_path is None:
+        run_check(None)
+        return report
+    external = uses_external_data(onnx.load(str(in_path), load_external_data=False)) if in_path else False
+    report.output = save_model(result.model, out_path, external_data=external, before_commit=run_check)
+    return report
+
+
+def strip(model: ModelLike, output: str | os.PathLike | None = None, *, overwrite: bool = False
+          ) -> tuple[onnx.ModelProto, int, Path | None]:
+    """Remove every SAP node; returns (model, regions removed, path written or None)."""
+    original, in_path = _load(model)
+    out_path = Path(output) if output is not None else (default_output(in_path, "stripped") if in_path else None)
+    if out_path is not None:
+        check_output_path(out_path, in_path, overwrite)
+    stripped, removed = strip_model(original)
+    if out_path is not None:
+        external = uses_external_data(onnx.load(str(in_path), load_external_data=False)) if in_path else False
+        save_model(stripped, out_path, external_data=external)
+    return stripped, removed, out_path
+
+
+def inspect(model: ModelLike, options: HardenOptions | None = None) -> Plan:
+    """The activation sites harden would rewrite, and any SAP nodes already present."""
+    original, _ = _load(model)
+    options = options or HardenOptions()
+    plan = plan_model(original, options)
+    plan.existing = existing_sap_nodes(import_graph(original))
+    return plan
+
+
+__all__ = ["HardenReport", "default_output", "harden", "inspect", "strip", "OnnxSapError"]

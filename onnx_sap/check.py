@@ -1,0 +1,118 @@
+"""The check after rewriting: the hardened model runs, keeps the original's outputs (names, dtypes,
+shapes), and with every SAP node made deterministic (everything kept at scale 1) it computes what
+the original computes: a cheap proof that nothing else in the graph changed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .errors import OnnxSapError
+from .harden import HardenOptions, with_deterministic_sap
+from .runtime import make_session
+
+_NP_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass
+class CheckReport:
+    """What the check compared."""
+
+    outputs: list[str]
+    max_abs_diff: float
+    equivalence_checked: bool
+    note: str = ""
+
+
+def random_feeds(session, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for a session: dynamic dims become `batch` (first) or 8 (others)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 8) for i, d in enumerate(inp.shape)]
+        dtype = _NP_TYPES.get(inp.type)
+        if dtype is None:
+            raise OnnxSapError(f"input {inp.name!r} has type {inp.type}, which the check cannot feed; pass --no-check")
+        if np.dtype(dtype).kind == "f":
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _session(model: onnx.ModelProto | str, what: str):
+    try:
+        return make_session(model)
+    except OnnxSapError:
+        raise
+    except Exception as e:  # ONNX Runtime's own errors are long: keep the first line
+        raise OnnxSapError(f"the {what} model does not load in ONNX Runtime ({_first_line(e)}); pass --no-check "
+                           "to skip this check") from None
+
+
+def _run(sess, feeds, what: str) -> list[np.ndarray]:
+    try:
+        return sess.run(None, feeds)
+    except Exception as e:
+        raise OnnxSapError(f"the {what} model fails to run on a random input ({_first_line(e)}); pass --no-check "
+                           "to skip this check") from None
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def check_hardened(original: onnx.ModelProto | str, hardened: onnx.ModelProto | str, options: HardenOptions,
+                   portable_multinomial: bool = False) -> CheckReport:
+    """Run both models on one random input; raise OnnxSapError on any mismatch."""
+    orig_sess = _session(original, "original")
+    feeds = random_feeds(orig_sess)
+    expected = _run(orig_sess, feeds, "original")
+    hard_sess = _session(hardened, "hardened")
+    got = _run(hard_sess, feeds, "hardened")
+    names0 = [o.name for o in orig_sess.get_outputs()]
+    names1 = [o.name for o in hard_sess.get_outputs()]
+    if names0 != names1:
+        raise OnnxSapError(f"hardened outputs {names1} differ from the original's {names0}; please report this")
+    for name, e, g in zip(names0, expected, got):
+        if e.dtype != g.dtype or e.shape != g.shape:
+            raise OnnxSapError(f"output {name!r}: hardened gives {g.dtype}{list(g.shape)}, original "
+                               f"{e.dtype}{list(e.shape)}; please report this")
+    if portable_multinomial:
+        return CheckReport(names0, float("nan"), False,
+                           "portable multinomial: r is fixed in the graph, so only names, dtypes and shapes "
+                           "were compared")
+    hard_model = hardened if isinstance(hardened, onnx.ModelProto) else onnx.load(hardened)
+    det = _run(_session(with_deterministic_sap(hard_model), "hardened (deterministic)"), feeds,
+               "hardened (deterministic)")
+    worst = 0.0
+    for name, e, g, out in zip(names0, expected, det, orig_sess.get_outputs()):
+        ref = e.astype(np.float64)
+        if options.ensemble > 1 and options.ensemble_reduce == "probs" and not _ends_in_softmax(original, name):
+            ref = _log_softmax(e)
+        diff = np.abs(g.astype(np.float64) - ref)
+        scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+        bad = ~np.isclose(g.astype(np.float64), ref, rtol=1e-3, atol=1e-4 * scale)
+        if bad.any():
+            raise OnnxSapError(f"output {name!r}: with SAP made deterministic the hardened model differs from the "
+                               f"original by up to {float(np.max(diff)):.3g}; please report this")
+        worst = max(worst, float(np.max(diff)) if diff.size else 0.0)
+    return CheckReport(names0, worst, True)
+
+
+def _ends_in_softmax(model: onnx.ModelProto | str, output: str) -> bool:
+    m = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
+    return any(n.op_type == "Softmax" and output in n.output for n in m.graph.node)

@@ -1,0 +1,486 @@
+"""Rewriting a model: find activation sites, plan, insert SAP after each, and the reverse (strip).
+
+One path: ModelProto -> shape inference -> onnx-graphsurgeon graph -> find sites (patterns.py) ->
+plan -> rewrite (custom op or portable form, optional ensemble) -> export -> restore what the export
+drops (model fields, node doc strings, IR < 4 initializer inputs) -> ModelProto.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import __version__
+from .errors import OnnxSapError
+from .modelio import default_opset
+from .patterns import KINDS, Match, find_activations, producer
+from .portable import emit_portable_sap
+from .reference import MODES, sample_count
+from .runtime import DOMAIN, OP_TYPE
+
+PREFIX = "onnx_sap::"
+ENSEMBLE_REDUCES = ("probs", "logits")
+
+
+@dataclass
+class HardenOptions:
+    """How SAP is inserted; the CLI's options, one for one."""
+
+    ratio: float = 1.0
+    samples: int = 0
+    mode: str = "multinomial"
+    axis: int = 1
+    seed: int = 0
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    portable: bool = False
+    ensemble: int = 1
+    ensemble_reduce: str = "probs"
+    force: bool = False
+
+    def validate(self) -> None:
+        """Raise OnnxSapError naming the first bad option."""
+        if not (math.isfinite(self.ratio) and self.ratio > 0):
+            raise OnnxSapError(f"--ratio must be finite and > 0, got {self.ratio}")
+        if self.samples < 0:
+            raise OnnxSapError(f"--samples must be >= 0 (0: use --ratio), got {self.samples}")
+        if self.mode not in MODES:
+            raise OnnxSapError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.axis < 0:
+            raise OnnxSapError(f"--axis must be >= 0 (dims before it index examples), got {self.axis}")
+        if not 0 <= self.seed < 2**63:
+            raise OnnxSapError(f"--seed must be in [0, 2^63), got {self.seed}")
+        if self.ensemble < 1:
+            raise OnnxSapError(f"--ensemble must be >= 1, got {self.ensemble}")
+        if self.ensemble_reduce not in ENSEMBLE_REDUCES:
+            raise OnnxSapError(f"--ensemble-reduce must be one of {', '.join(ENSEMBLE_REDUCES)}, "
+                               f"got {self.ensemble_reduce!r}")
+        for pat in list(self.include) + list(self.exclude):
+            if not pat:
+                raise OnnxSapError("--include/--exclude patterns must not be empty")
+
+
+@dataclass
+class Site:
+    """One activation site of the plan."""
+
+    graph: str
+    kind: str
+    form: str
+    detail: str
+    nodes: list[str]
+    tensor: str
+    shape: list[int | str] | None
+    m: int | None
+    r: int | None
+    selected: bool = True
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    """What harden found and what it will do (or did)."""
+
+    sites: list[Site]
+    existing: list[dict] = field(default_factory=list)
+    options: HardenOptions | None = None
+
+    @property
+    def selected(self) -> list[Site]:
+        return [s for s in self.sites if s.selected]
+
+    def to_dict(self) -> dict:
+        return {
+            "sites": [s.to_dict() for s in self.sites],
+            "selected": len(self.selected),
+            "activations": sum(s.m or 0 for s in self.selected),
+            "existing_sap_nodes": self.existing,
+            "options": asdict(self.options) if self.options else None,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Walking graphs and their subgraphs.
+
+
+def iter_graphs(graph: gs.Graph, path: str = "main") -> Iterator[tuple[str, gs.Graph]]:
+    """The graph and every If/Loop/Scan body under it, each with a readable path."""
+    yield path, graph
+    for node in graph.nodes:
+        for name, value in node.attrs.items():
+            if isinstance(value, gs.Graph):
+                yield from iter_graphs(value, f"{path}/{node.name or node.op}.{name}")
+
+
+def _shape_of(t: gs.Variable) -> list[int | str] | None:
+    if t.shape is None:
+        return None
+    return [d if isinstance(d, int) and d >= 0 else (str(d) if d else "?") for d in t.shape]
+
+
+def _site_size(shape: list[int | str] | None, axis: int) -> int | None:
+    if shape is None or len(shape) <= axis or not all(isinstance(d, int) for d in shape[axis:]):
+        return None
+    return int(np.prod(shape[axis:], dtype=np.int64))
+
+
+def _selected(kind: str, names: list[str], include: Sequence[str], exclude: Sequence[str]) -> tuple[bool, str]:
+    def hit(pat: str) -> bool:
+        return pat == kind or any(fnmatch.fnmatchcase(n, pat) for n in names)
+
+    if include and not any(hit(p) for p in include):
+        return False, "not in --include"
+    for p in exclude:
+        if hit(p):
+            return False, f"--exclude {p}"
+    return True, ""
+
+
+def existing_sap_nodes(graph: gs.Graph) -> list[dict]:
+    """SAP nodes already in the graph (custom op or portable form), with their attributes."""
+    found = []
+    for path, g in iter_graphs(graph):
+        for node in g.nodes:
+            if node.op == OP_TYPE and node.domain == DOMAIN:
+                found.append({"graph": path, "node": node.name, "form": "custom",
+                              "attributes": {k: (v.decode() if isinstance(v, bytes) else v)
+                                             for k, v in node.attrs.items()}})
+            elif node.name.startswith(PREFIX + "portable/") and node.name.endswith("#out"):
+                found.append({"graph": path, "node": node.name, "form": "portable", "attributes": {}})
+            elif node.name.startswith(PREFIX + "ensemble-out/") and node.name.endswith("#out"):
+                found.append({"graph": path, "node": node.name, "form": "ensemble", "attributes": {}})
+    return found
+
+
+def make_plan(graph: gs.Graph, options: HardenOptions) -> tuple[Plan, list[tuple[gs.Graph, Match, Site]]]:
+    """Find and select the activation sites of every graph."""
+    plan = Plan([], existing_sap_nodes(graph), options)
+    chosen = []
+    for path, g in iter_graphs(graph):
+        for match in find_activations(g):
+            names = [n.name for n in match.nodes]
+            shape = _shape_of(match.output)
+            m = _site_size(shape, options.axis)
+            site = Site(path, match.kind, match.form, match.detail, names, match.output.name, shape, m,
+                        sample_count(m, options.ratio, options.samples) if m else None)
+            site.selected, site.reason = _selected(match.kind, names, options.include, options.exclude)
+            if site.selected and shape is not None and len(shape) <= options.axis:
+                site.selected, site.reason = False, f"rank {len(shape)} <= --axis {options.axis}"
+            plan.sites.append(site)
+            if site.selected:
+                chosen.append((g, match, site))
+    return plan, chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewriting.
+
+
+class _Names:
+    """Fresh tensor names that collide with nothing in the model."""
+
+    def __init__(self, graph: gs.Graph):
+        self.used = set()
+        for _, g in iter_graphs(graph):
+            self.used.update(g.tensors().keys())
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+
+def _detach_output(graph: gs.Graph, out: gs.Variable, names: _Names, suffix: str) -> tuple[gs.Variable, int]:
+    """Make out's producer write a new tensor instead; returns (new tensor, producer's index in nodes).
+    out keeps its name (and its place among graph outputs and consumers' inputs)."""
+    node = producer(out)
+    pre = gs.Variable(names.fresh(out.name + suffix), dtype=out.dtype, shape=out.shape)
+    node.outputs[node.outputs.index(out)] = pre
+    return pre, next(i for i, n in enumerate(graph.nodes) if n is node)
+
+
+def _insert_sap(graph: gs.Graph, match: Match, stream: int, options: HardenOptions, opset: int,
+                names: _Names) -> None:
+    out = match.output
+    pre, at = _detach_output(graph, out, names, "__pre_sap")
+    if options.portable:
+        nodes = emit_portable_sap(pre, out, stream, options, opset, f"{PREFIX}portable/{stream}", names.fresh)
+    else:
+        nodes = [gs.Node(OP_TYPE, name=f"{PREFIX}sap/{stream}", domain=DOMAIN, inputs=[pre], outputs=[out],
+                         attrs={"mode": options.mode, "ratio": float(options.ratio), "samples": int(options.samples),
+                                "axis": int(options.axis), "seed": int(options.seed), "stream": int(stream)})]
+    graph.nodes[at + 1:at + 1] = nodes
+
+
+def _add_ensemble(graph: gs.Graph, k: int, reduce: str, opset: int, names: _Names) -> None:
+    """Average k stochastic passes in one run: tile the batch k times at the inputs, and at each output
+    regroup to [k, N, ...] and reduce (log of mean softmax, or mean of logits)."""
+    for i, x in enumerate(list(graph.inputs)):
+        if x.shape is not None and len(x.shape) == 0:
+            continue
+        tiled = gs.Variable(names.fresh(x.name + "__ensemble"), dtype=x.dtype)
+        for consumer in list(x.outputs):
+            consumer.inputs[consumer.inputs.index(x)] = tiled
+        graph.nodes.insert(0, gs.Node("Concat", name=f"{PREFIX}ensemble-in/{i}#out", inputs=[x] * k,
+                                      outputs=[tiled], attrs={"axis": 0}))
+    for i, y in enumerate(list(graph.outputs)):
+        if y.dtype is not None and np.dtype(y.dtype).kind != "f":
+            raise OnnxSapError(f"--ensemble needs float outputs; output {y.name!r} is {np.dtype(y.dtype)}")
+        src = producer(y)
+        if src is None:
+            raise OnnxSapError(f"--ensemble: output {y.name!r} is not computed by the graph")
+        already_probs = src.op == "Softmax"
+        members, _ = _detach_output(graph, y, names, "__members")
+        p = f"{PREFIX}ensemble-out/{i}"
+
+        def v(tag: str) -> gs.Variable:
+            return gs.Variable(names.fresh(f"{y.name}__ens_{tag}"))
+
+        def const(tag: str, arr) -> gs.Constant:
+            return gs.Constant(names.fresh(f"{y.name}__ens_{tag}"), np.asarray(arr, dtype=np.int64))
+
+        shape, rest, new_shape, grouped = v("shape"), v("rest"), v("grouped_shape"), v("grouped")
+        nodes = [
+            gs.Node("Shape", name=f"{p}#shape", inputs=[members], outputs=[shape]),
+            gs.Node("Slice", name=f"{p}#rest", inputs=[shape, const("one", [1]), const("end", [2**62])],
+                    outputs=[rest]),
+            gs.Node("Concat", name=f"{p}#target", inputs=[const("kn", [k, -1]), rest], outputs=[new_shape],
+                    attrs={"axis": 0}),
+            gs.Node("Reshape", name=f"{p}#regroup", inputs=[members, new_shape], outputs=[grouped]),
+        ]
+        probs = reduce == "probs" and not already_probs
+        to_mean = grouped
+        if probs:
+            to_mean = v("softmax")
+            nodes.append(gs.Node("Softmax", name=f"{p}#softmax", inputs=[grouped], outputs=[to_mean],
+                                 attrs={"axis": -1}))
+        mean = v("mean") if probs else y
+        if opset >= 18:
+            nodes.append(gs.Node("ReduceMean", name=f"{p}#mean" if probs else f"{p}#out",
+                                 inputs=[to_mean, const("axes", [0])], outputs=[mean], attrs={"keepdims": 0}))
+        else:
+            nodes.append(gs.Node("ReduceMean", name=f"{p}#mean" if probs else f"{p}#out", inputs=[to_mean],
+                                 outputs=[mean], attrs={"axes": [0], "keepdims": 0}))
+        if probs:
+            nodes.append(gs.Node("Log", name=f"{p}#out", inputs=[mean], outputs=[y]))
+        graph.nodes.extend(nodes)
+
+
+def _region_key(name: str) -> str:
+    return name.split("#", 1)[0]
+
+
+def strip_graph(graph: gs.Graph) -> int:
+    """Remove every SAP region (custom node, portable subgraph, ensemble) from graph and its
+    subgraphs, reconnecting the tensors around each. Returns the number of regions removed."""
+    removed = 0
+    for _, g in list(iter_graphs(graph)):
+        regions: dict[str, list[gs.Node]] = {}
+        for node in g.nodes:
+            if (node.op == OP_TYPE and node.domain == DOMAIN) or node.name.startswith(PREFIX):
+                regions.setdefault(_region_key(node.name) or f"#{id(node)}", []).append(node)
+        for nodes in regions.values():
+            _bypass_region(g, nodes)
+            removed += 1
+        ids = {id(n) for ns in regions.values() for n in ns}
+        g.nodes = [n for n in g.nodes if id(n) not in ids]
+    return removed
+
+
+def _bypass_region(graph: gs.Graph, nodes: list[gs.Node]) -> None:
+    ids = {id(n) for n in nodes}
+    produced = {id(t) for n in nodes for t in n.outputs}
+    sources = []
+    for n in nodes:
+        for t in n.inputs:
+            if isinstance(t, gs.Variable) and id(t) not in produced and all(t is not s for s in sources):
+                sources.append(t)
+    graph_outputs = {id(t) for t in graph.outputs}
+    sinks = [t for n in nodes for t in n.outputs
+             if id(t) in graph_outputs or any(id(c) not in ids for c in t.outputs)]
+    if len(sources) == 1 and len(sinks) == 0:  # e.g. ensemble input Concat of an unused input
+        return
+    if len(sources) != 1 or len(sinks) != 1:
+        raise OnnxSapError(f"cannot strip SAP region {nodes[0].name!r}: it has {len(sources)} inputs and "
+                           f"{len(sinks)} outputs (expected 1 and 1); was the model edited after hardening?")
+    src, dst = sources[0], sinks[0]
+    src_producer = producer(src)
+    outside_consumers = [c for c in dst.outputs if id(c) not in ids]
+    for n in nodes:  # detach the region so that no tensor still names its nodes
+        n.inputs.clear()
+        n.outputs.clear()
+    if src_producer is not None:
+        # The region sits after a node: that node writes dst again, as before hardening.
+        src_producer.outputs[src_producer.outputs.index(src)] = dst
+    else:
+        # The region sits after a graph input (ensemble tiling): its consumers read the input again.
+        for c in outside_consumers:
+            c.inputs[c.inputs.index(dst)] = src
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level bookkeeping around the onnx-graphsurgeon round trip.
+
+
+def _import(model: onnx.ModelProto) -> gs.Graph:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shapes are a convenience here (m and r in the plan), not a requirement
+        inferred = model
+    return gs.import_onnx(inferred)
+
+
+def _node_doc_strings(graph: onnx.GraphProto, out: dict[str, str]) -> dict[str, str]:
+    for n in graph.node:
+        if n.doc_string and n.name:
+            out[n.name] = n.doc_string
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _node_doc_strings(a.g, out)
+            for g in a.graphs:
+                _node_doc_strings(g, out)
+    return out
+
+
+def _restore_doc_strings(graph: onnx.GraphProto, docs: dict[str, str]) -> None:
+    for n in graph.node:
+        if n.name in docs:
+            n.doc_string = docs[n.name]
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _restore_doc_strings(a.g, docs)
+            for g in a.graphs:
+                _restore_doc_strings(g, docs)
+
+
+def _export(graph: gs.Graph, original: onnx.ModelProto, provenance: dict | None) -> onnx.ModelProto:
+    model = gs.export_onnx(graph, do_type_check=False)
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, f, getattr(original, f))
+    del model.opset_import[:]
+    model.opset_import.extend(imp for imp in original.opset_import if imp.domain != DOMAIN)
+    has_sap = any(n.domain == DOMAIN for _, g in iter_graphs(graph) for n in g.nodes)
+    if has_sap:
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    del model.metadata_props[:]
+    for prop in original.metadata_props:
+        if not prop.key.startswith("onnx_sap."):
+            model.metadata_props.add(key=prop.key, value=prop.value)
+    if provenance is not None:
+        for key, value in provenance.items():
+            model.metadata_props.add(key=f"onnx_sap.{key}", value=value)
+    _restore_doc_strings(model.graph, _node_doc_strings(original.graph, {}))
+    model.graph.doc_string = original.graph.doc_string
+    if original.ir_version < 4:
+        # IR < 4 lists every initializer as a graph input, which the export drops; the checker
+        # requires them back, in the original order.
+        del model.graph.input[:]
+        model.graph.input.extend(original.graph.input)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+@dataclass
+class HardenResult:
+    """A hardened model and the plan that produced it."""
+
+    model: onnx.ModelProto
+    plan: Plan
+
+
+def plan_model(model: onnx.ModelProto, options: HardenOptions | None = None) -> Plan:
+    """The sites harden would rewrite (nothing is changed)."""
+    options = options or HardenOptions()
+    options.validate()
+    plan, _ = make_plan(_import(model), options)
+    return plan
+
+
+def harden_model(model: onnx.ModelProto, options: HardenOptions | None = None) -> HardenResult:
+    """Insert SAP after every selected activation of model (which is not modified)."""
+    options = options or HardenOptions()
+    options.validate()
+    opset = default_opset(model)
+    graph = _import(model)
+    existing = existing_sap_nodes(graph)
+    if existing and not options.force:
+        raise OnnxSapError(f"the model already has {len(existing)} SAP node(s); pass --force to replace them "
+                           "(they are never stacked)")
+    if existing:
+        strip_graph(graph)
+    plan, chosen = make_plan(graph, options)
+    plan.existing = existing
+    if not plan.sites:
+        raise OnnxSapError("no activations found (Relu, Clip, Gelu, SiLU, ...): nothing to harden; "
+                           "`onnx-sap inspect` lists what is recognised")
+    if not chosen:
+        raise OnnxSapError(f"all {len(plan.sites)} activation sites are excluded by --include/--exclude/--axis; "
+                           "widen the selection")
+    if options.portable and opset < 13:
+        raise OnnxSapError(f"--portable needs opset >= 13 (the model has {opset}); convert the model with "
+                           "onnx.version_converter or use the custom op")
+    names = _Names(graph)
+    for stream, (g, match, site) in enumerate(chosen):
+        if options.portable and options.mode == "multinomial" and site.m is None:
+            raise OnnxSapError(f"--portable multinomial needs a static activation size, and site {site.nodes[-1]!r} "
+                               f"has shape {site.shape}; use --mode bernoulli")
+        _insert_sap(g, match, stream, options, opset, names)
+    if options.ensemble > 1:
+        _add_ensemble(graph, options.ensemble, options.ensemble_reduce, opset, names)
+    provenance = {"version": __version__, "options": json.dumps(asdict(options), default=list),
+                  "sites": str(len(chosen))}
+    return HardenResult(_export(graph, model, provenance), plan)
+
+
+def strip_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Remove all SAP nodes (custom, portable, ensemble); returns the model and how many regions went."""
+    graph = _import(model)
+    removed = strip_graph(graph)
+    if removed == 0:
+        raise OnnxSapError("the model has no SAP nodes: nothing to strip")
+    return _export(graph, model, None), removed
+
+
+def with_deterministic_sap(model: onnx.ModelProto, seed: int = 1) -> onnx.ModelProto:
+    """A copy of a hardened model whose SAP nodes keep everything at scale ~1 (bernoulli with a
+    huge r, so q = 1 wherever p > 1e-17): it should compute what the original model does."""
+    out = copy.deepcopy(model)
+    graphs = [out.graph]
+    while graphs:
+        g = graphs.pop()
+        for node in g.node:
+            if node.op_type == OP_TYPE and node.domain == DOMAIN:
+                del node.attribute[:]
+                node.attribute.extend([onnx.helper.make_attribute("mode", "bernoulli"),
+                                       onnx.helper.make_attribute("samples", 2**62),
+                                       onnx.helper.make_attribute("seed", seed)])
+            elif node.name.startswith(PREFIX + "portable/") and node.name.endswith("#r"):
+                value = onnx.numpy_helper.from_array(np.array(2.0**62), name="value")
+                del node.attribute[:]
+                node.attribute.append(onnx.helper.make_attribute("value", value))
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(a.g)
+                graphs.extend(a.graphs)
+    return out
+
+
+__all__ = ["HardenOptions", "HardenResult", "KINDS", "Plan", "Site", "harden_model", "plan_model", "strip_model",
+           "with_deterministic_sap"]

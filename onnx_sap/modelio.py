@@ -1,0 +1,126 @@
+"""Reading and writing model files: clear errors for bad input, external data, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import OnnxSapError
+
+# Protobuf cannot serialize a message of 2 GiB or more; stay clear of that with some margin.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+MIN_OPSET = 7
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX model with its external data, or raise OnnxSapError saying what is wrong."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxSapError(f"{p}: no such file; give the path of an .onnx model")
+    if not p.is_file():
+        raise OnnxSapError(f"{p}: not a file; give the path of an .onnx model")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise OnnxSapError(f"{p}: not a readable ONNX model ({type(e).__name__}); re-export it or check the file "
+                           "is complete") from None
+    if not model.graph.node and not model.graph.output:
+        raise OnnxSapError(f"{p}: not an ONNX model (no graph); re-export it or check the file is complete")
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as e:
+        raise OnnxSapError(f"{p}: its external data could not be read ({e}); keep the data files beside the model")
+    check_opset(model, str(p))
+    return model
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any initializer of the model (as loaded from disk) is stored outside the .onnx file."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_initializers(model.graph))
+
+
+def _all_initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_initializers(g)
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Approximate serialized size, safe for models over 2 GiB (where ByteSize() may fail)."""
+    return sum(len(t.raw_data) + 8 * len(t.float_data) + 8 * len(t.int64_data) + 8 * len(t.double_data)
+               for t in _all_initializers(model.graph)) + 1_000_000
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain (ai.onnx) opset version."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise OnnxSapError("the model imports no default-domain opset; re-export it with a standard opset")
+
+
+def check_opset(model: onnx.ModelProto, where: str) -> None:
+    """Refuse opsets outside what onnx and ONNX Runtime here understand."""
+    version = default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= version <= newest:
+        raise OnnxSapError(f"{where}: opset {version} is not supported (supported: {MIN_OPSET}..{newest}); "
+                           "convert it with onnx.version_converter first")
+
+
+def check_output_path(output: Path, input_path: Path | None, overwrite: bool) -> None:
+    """Fail before any work if the output cannot be written (or would replace the input unasked)."""
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise OnnxSapError(f"output folder {parent} does not exist; create it or choose another -o path")
+    if not os.access(parent, os.W_OK):
+        raise OnnxSapError(f"output folder {parent} is not writable; choose another -o path")
+    if output.is_dir():
+        raise OnnxSapError(f"output {output} is a folder; give a file path with -o")
+    if input_path is not None and output.resolve() == input_path.resolve() and not overwrite:
+        raise OnnxSapError(f"output {output} is the input model; choose another -o path or pass --overwrite")
+
+
+def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_data: bool = False,
+               check: bool = True, before_commit: Callable[[Path], None] | None = None) -> Path:
+    """Write model to output atomically, with its tensors in `output.data` when external_data is set
+    or the model is too large for one protobuf file. With check, the written file must pass
+    onnx.checker (full check), and before_commit(staged_path) must return, before anything at the
+    output path is replaced. Returns the path written."""
+    out = Path(output)
+    external = external_data or model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    stage = Path(tempfile.mkdtemp(prefix=".onnx-sap-", dir=out.parent if str(out.parent) else "."))
+    try:
+        staged = stage / out.name
+        data_name = out.name + ".data"
+        if external:
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(staged))
+        if check:
+            try:
+                onnx.checker.check_model(str(staged), full_check=True)
+            except onnx.checker.ValidationError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise OnnxSapError(f"the rewritten model fails onnx.checker ({first}); please report this "
+                                   "with the model") from None
+        if before_commit is not None:
+            before_commit(staged)
+        if external and (stage / data_name).exists():  # the data first: the model file appears last, complete
+            os.replace(stage / data_name, out.parent / data_name)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out

@@ -1,0 +1,101 @@
+"""The CLI as a user meets it: exit codes, one-line errors, nothing written on failure."""
+
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+from models import cnn, dense_with
+
+from onnx_sap.harden import KINDS
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnx_sap", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    p = tmp_path / "cnn.onnx"
+    onnx.save(cnn(), p)
+    return p
+
+
+def assert_one_line_error(res, *fragments):
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert "Traceback" not in res.stderr
+    for f in fragments:
+        assert f in res.stderr
+
+
+def test_harden_writes_beside_input_and_reports(model_path):
+    res = cli("harden", model_path, "--mode", "bernoulli")
+    assert res.returncode == 0, res.stderr
+    assert (model_path.parent / "cnn.sap.onnx").exists()
+    assert "relu6" in res.stdout and "wrote" in res.stdout and "check:" in res.stdout
+
+
+def test_seed_warns_and_json_is_machine_readable(model_path, tmp_path):
+    res = cli("harden", model_path, "-o", tmp_path / "o.onnx", "--seed", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["plan"]["selected"] == 2 and doc["output_bytes"] > 0 and doc["check"]["equivalence_checked"]
+    assert "predictable" in res.stderr
+
+
+def test_dry_run_writes_nothing(model_path, tmp_path):
+    res = cli("harden", model_path, "-o", tmp_path / "x.onnx", "--dry-run")
+    assert res.returncode == 0 and not (tmp_path / "x.onnx").exists() and "dry run" in res.stdout
+
+
+def test_inspect_and_strip(model_path, tmp_path):
+    assert cli("harden", model_path, "-o", tmp_path / "h.onnx", "--seed", "2").returncode == 0
+    res = cli("inspect", tmp_path / "h.onnx", "--json")
+    doc = json.loads(res.stdout)
+    assert len(doc["existing_sap_nodes"]) == 2 and {s["kind"] for s in doc["sites"]} <= set(KINDS)
+    res = cli("strip", tmp_path / "h.onnx", "-o", tmp_path / "s.onnx")
+    assert res.returncode == 0 and "removed 2" in res.stdout
+
+
+@pytest.mark.parametrize("content, fragment", [(b"this is not protobuf", "not a readable ONNX model"),
+                                               (None, "truncated")])
+def test_bad_files_are_one_line_errors(tmp_path, model_path, content, fragment):
+    bad = tmp_path / "bad.onnx"
+    if content is None:  # a truncated export
+        data = model_path.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+        fragment = "not a"
+    else:
+        bad.write_bytes(content)
+    res = cli("harden", bad)
+    assert_one_line_error(res, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad.onnx", "cnn.onnx"])
+
+
+def test_user_errors_exit_2_and_write_nothing(tmp_path, model_path):
+    plain = tmp_path / "plain.onnx"
+    onnx.save(dense_with(lambda x: ([], x, [])), plain)
+    assert_one_line_error(cli("harden", plain), "no activations")
+    assert_one_line_error(cli("harden", tmp_path / "missing.onnx"), "no such file")
+    assert_one_line_error(cli("harden", model_path, "--mode", "gaussian"), "--mode")
+    assert_one_line_error(cli("harden", model_path, "--ratio", "-1"), "--ratio")
+    assert_one_line_error(cli("harden", model_path, "--ratio", "abc"), "--ratio")
+    assert_one_line_error(cli("harden", model_path, "-o", tmp_path / "nope" / "x.onnx"), "does not exist")
+    assert_one_line_error(cli("harden", model_path, "-o", model_path), "--overwrite")
+    old = onnx.helper.make_model(cnn().graph, opset_imports=[onnx.helper.make_opsetid("", 5)])
+    onnx.save(old, tmp_path / "old.onnx")
+    assert_one_line_error(cli("harden", tmp_path / "old.onnx"), "opset 5")
+    assert not list(tmp_path.glob("*.sap.onnx")) and not list(tmp_path.glob(".onnx-sap-*"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_read_only_output_folder(tmp_path, model_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    assert_one_line_error(cli("harden", model_path, "-o", ro / "x.onnx"), "not writable")

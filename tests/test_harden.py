@@ -1,0 +1,220 @@
+"""harden / strip / inspect on models built in code, each hardened model run in ONNX Runtime."""
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+from models import ACTIVATIONS, SPECIAL, activation_as_output, cnn, dense_with, legacy_ir3, residual, with_if
+
+from onnx_sap import DOMAIN, OP_TYPE, make_session
+from onnx_sap.api import harden, inspect, strip
+from onnx_sap.errors import OnnxSapError
+from onnx_sap.harden import HardenOptions
+
+X16 = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+IMG = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+
+
+def sap_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    found, graphs = [], [model.graph]
+    while graphs:
+        g = graphs.pop()
+        for n in g.node:
+            if n.op_type == OP_TYPE and n.domain == DOMAIN:
+                found.append(n)
+            graphs.extend(a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+    return found
+
+
+def run(model, feeds):
+    return make_session(model).run(None, feeds)
+
+
+def assert_strip_restores(original: onnx.ModelProto, hardened: onnx.ModelProto, feeds):
+    stripped, removed, _ = strip(hardened)
+    assert removed >= 1 and not sap_nodes(stripped)
+    for a, b in zip(run(original, feeds), run(stripped, feeds)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_each_activation_form_is_found_hardened_and_stripped(name):
+    kind, build = ACTIVATIONS[name]
+    m = dense_with(build)
+    report = harden(m, mode="bernoulli", seed=3)  # check=True: runs both models, deterministic equivalence
+    assert [s.kind for s in report.plan.sites] == [kind]
+    assert report.check.equivalence_checked and report.check.max_abs_diff < 1e-4
+    assert len(sap_nodes(report.model)) == 1
+    assert_strip_restores(m, report.model, {"x": X16})
+
+
+@pytest.mark.parametrize("name", sorted(SPECIAL))
+def test_newer_opset_and_onnxruntime_fused_forms(name):
+    kind, build, opset, extra = SPECIAL[name]
+    m = dense_with(build, opset=opset, extra_opsets=extra)
+    report = harden(m)
+    assert [(s.kind, s.form) for s in report.plan.sites] == [(kind, "fused" if name.startswith("ms_") else "op")]
+    assert_strip_restores(m, report.model, {"x": X16})
+
+
+def test_cnn_keeps_model_fields_and_records_provenance():
+    m = cnn()
+    report = harden(m, mode="multinomial", seed=5)
+    h = report.model
+    assert [s.kind for s in report.plan.sites] == ["relu", "relu6"]
+    assert [s.m for s in report.plan.sites] == [4 * 64, 6 * 64]
+    assert h.ir_version == m.ir_version and h.doc_string == "a small CNN"
+    assert {(o.domain, o.version) for o in h.opset_import} == {("", 17), (DOMAIN, 1)}
+    props = {p.key: p.value for p in h.metadata_props}
+    assert props["author"] == "tests" and props["onnx_sap.version"] and '"mode": "multinomial"' in props["onnx_sap.options"]
+    assert [i.name for i in h.graph.input] == ["x"] and [o.name for o in h.graph.output] == ["logits"]
+    assert next(n for n in h.graph.node if n.name == "relu1").doc_string == "first activation"
+    assert sorted(n.attribute[-1].i for n in sap_nodes(h)) == [0, 1]  # stream numbers are unique
+    onnx.checker.check_model(h, full_check=True)
+    for batch in (1, 5):  # dynamic batch
+        x = np.random.default_rng(batch).standard_normal((batch, 1, 8, 8)).astype(np.float32)
+        assert run(h, {"x": x})[0].shape == (batch, 10)
+    assert_strip_restores(m, h, {"x": IMG})
+
+
+def test_shared_activation_gets_one_sap_read_by_both_consumers():
+    m = residual()
+    h = harden(m).model
+    by_name = {n.name: n for n in h.graph.node}
+    sap = next(n for n in sap_nodes(h) if n.input[0].startswith("r0"))
+    assert sap.output[0] == "r0" and by_name["relu_shared"].output[0] == sap.input[0]
+    assert "r0" in by_name["conv_branch"].input and "r0" in by_name["skip"].input
+    assert len(sap_nodes(h)) == 2
+    assert_strip_restores(m, h, {"x": IMG})
+
+
+def test_activation_that_is_a_graph_output_keeps_its_name():
+    m = activation_as_output()
+    h = harden(m, mode="bernoulli", seed=1, ratio=0.2).model
+    assert [o.name for o in h.graph.output] == ["logits", "features"]
+    logits, features = run(h, {"x": X16})
+    relu = np.maximum(X16 @ onnx.numpy_helper.to_array(m.graph.initializer[0]), 0)
+    assert ((features == 0) & (relu > 0)).any()  # the output now carries the pruned value
+    assert_strip_restores(m, h, {"x": X16})
+
+
+def test_activations_inside_if_branches():
+    m = with_if()
+    report = harden(m, mode="bernoulli", seed=2)
+    assert sorted(s.graph for s in report.plan.sites) == ["main/choose.else_branch", "main/choose.then_branch"]
+    assert len(sap_nodes(report.model)) == 2
+    assert_strip_restores(m, report.model, {"x": X16})
+
+
+def test_legacy_ir3_model_keeps_initializers_as_inputs(tmp_path):
+    m = legacy_ir3()
+    src = tmp_path / "legacy.onnx"
+    onnx.save(m, src)
+    report = harden(src, tmp_path / "legacy.sap.onnx")
+    h = onnx.load(report.output)
+    assert h.ir_version == 3 and {"x", "W1", "W2"} <= {i.name for i in h.graph.input}
+    onnx.checker.check_model(h, full_check=True)
+
+
+def test_external_data_is_read_and_written(tmp_path):
+    m = dense_with(ACTIVATIONS["gelu_erf_torch"][1], width=64)  # W1 is 4 KiB: stored outside
+    src = tmp_path / "ext.onnx"
+    onnx.save(m, src, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data",
+              size_threshold=0)
+    report = harden(src, tmp_path / "out.onnx", mode="bernoulli", seed=1)
+    assert (tmp_path / "out.onnx.data").exists()
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL
+               for t in onnx.load(report.output, load_external_data=False).graph.initializer)
+    assert run(str(report.output), {"x": X16})[0].shape == (3, 10)
+    _, _, stripped = strip(report.output, tmp_path / "back.onnx")
+    np.testing.assert_array_equal(run(str(src), {"x": X16})[0], run(str(stripped), {"x": X16})[0])
+
+
+def test_input_is_never_modified_and_default_output_is_beside_it(tmp_path):
+    src = tmp_path / "cnn.onnx"
+    onnx.save(cnn(), src)
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    report = harden(src)
+    assert report.output == tmp_path / "cnn.sap.onnx" and report.output.exists()
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before
+    with pytest.raises(OnnxSapError, match="is the input model"):
+        harden(src, src)
+
+
+def test_include_exclude_by_kind_and_glob():
+    m = cnn()
+    assert [s.selected for s in harden(m, include=["relu6"], dry_run=True).plan.sites] == [False, True]
+    assert [s.selected for s in harden(m, exclude=["relu*"], dry_run=True).plan.sites] == [False, False]
+    h = harden(m, exclude=["relu1"]).model
+    assert len(sap_nodes(h)) == 1
+    with pytest.raises(OnnxSapError, match="excluded"):
+        harden(m, exclude=["relu", "relu6"])
+
+
+def test_rehardening_needs_force_and_never_stacks():
+    h = harden(cnn()).model
+    with pytest.raises(OnnxSapError, match="--force"):
+        harden(h)
+    again = harden(h, force=True, mode="bernoulli").model
+    nodes = sap_nodes(again)
+    assert len(nodes) == 2 and all(onnx.helper.get_attribute_value(n.attribute[0]) == b"bernoulli" for n in nodes)
+
+
+def test_inspect_lists_sites_and_existing_sap_nodes():
+    plan = inspect(harden(cnn(), seed=9).model)
+    assert [s.kind for s in plan.sites] == ["relu", "relu6"]
+    assert [e["attributes"]["seed"] for e in plan.existing] == [9, 9]
+
+
+@pytest.mark.parametrize("reduce", ["probs", "logits"])
+def test_ensemble_averages_k_passes_in_one_run(reduce):
+    m = cnn()
+    report = harden(m, ensemble=4, ensemble_reduce=reduce, mode="bernoulli", seed=3)
+    out = run(report.model, {"x": IMG})[0]
+    assert out.shape == (3, 10) and np.all(np.isfinite(out))
+    if reduce == "probs":  # log of a mean of probabilities: exp sums to 1
+        np.testing.assert_allclose(np.exp(out).sum(axis=1), 1.0, rtol=1e-5)
+    assert_strip_restores(m, report.model, {"x": IMG})
+
+
+def test_portable_bernoulli_is_unbiased_and_runs_without_the_op():
+    m = dense_with(ACTIVATIONS["relu"][1], width=6)
+    h = harden(m, portable=True, mode="bernoulli", samples=3).model
+    assert not sap_nodes(h) and all(o.domain != DOMAIN for o in h.opset_import)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(h.SerializeToString(), providers=["CPUExecutionProvider"])  # no op library
+    x = X16[:1]
+    w1 = onnx.numpy_helper.to_array(m.graph.initializer[0])
+    w2 = onnx.numpy_helper.to_array(m.graph.initializer[1])
+    outs = np.stack([sess.run(None, {"x": x})[0] for _ in range(3000)])
+    expected = np.maximum(x @ w1, 0) @ w2
+    sem = outs.std(axis=0) / np.sqrt(len(outs))
+    assert np.all(np.abs(outs.mean(axis=0) - expected) <= 5 * sem + 1e-6)
+    assert_strip_restores(m, h, {"x": X16})
+
+
+def test_portable_multinomial_keeps_at_most_r():
+    m = activation_as_output()
+    h = harden(m, portable=True, mode="multinomial", samples=4).model
+    for _ in range(50):
+        features = run(h, {"x": X16})[1]
+        assert np.all((features != 0).sum(axis=1) <= 4)
+    assert_strip_restores(m, h, {"x": X16})
+
+
+def test_no_activations_and_bad_options_are_errors():
+    m = dense_with(lambda x: ([], x, []))
+    with pytest.raises(OnnxSapError, match="no activations"):
+        harden(m)
+    for bad, message in [({"ratio": 0}, "--ratio"), ({"samples": -1}, "--samples"), ({"mode": "x"}, "--mode"),
+                         ({"ensemble": 0}, "--ensemble"), ({"ensemble_reduce": "max"}, "--ensemble-reduce")]:
+        with pytest.raises(OnnxSapError, match=message):
+            harden(cnn(), **bad)
+    with pytest.raises(OnnxSapError, match="opset >= 13"):
+        harden(legacy_ir3(), portable=True)
+
+
+def test_options_dataclass_matches_cli_defaults():
+    assert HardenOptions().mode == "multinomial" and HardenOptions().ratio == 1.0
