@@ -20,8 +20,9 @@ from .harden import HardenOptions, Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harden ONNX classifiers with Stochastic Activation Pruning (SAP), no retraining.")
-out = Console()
-err = Console(stderr=True)
+# Tables stay readable when output is piped (Rich would assume 80 columns).
+out = Console(width=None if sys.stdout.isatty() else 150)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -163,6 +164,161 @@ def strip(
 
     _, removed, path = strip_api(model, output, overwrite=overwrite)
     out.print(f"removed {removed} SAP region(s); wrote [bold]{path}[/]")
+
+
+@app.command()
+def verify(
+    model: Path = typer.Argument(..., help="A hardened model."),
+    provider: str = typer.Option("cpu", help="cpu or cuda (refused when the session would fall back to CPU)."),
+    runs: int = typer.Option(8, help="Runs (call indices 0..RUNS-1) compared with the reference."),
+    seed: int = typer.Option(20260101, help="Seed given to SAP nodes with seed 0, in the verified copy."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Check every SAP node, as it runs in ONNX Runtime, against the NumPy reference (exit 1 on any disagreement)."""
+    from .modelio import load_model
+    from .verify import verify as verify_api
+
+    if runs < 1:
+        fail(f"--runs must be >= 1, got {runs}")
+    reports = verify_api(load_model(model), provider=provider, runs=runs, seed=seed)
+    bad = [r for r in reports if not r.ok]
+    if as_json:
+        print(json.dumps([dict(r.__dict__, ok=r.ok) for r in reports], indent=2))
+    else:
+        table = Table(title=f"SAP nodes of {model} vs the reference ({provider})", title_justify="left")
+        for col in ("node", "form", "mode", "shape", "runs", "mask diffs", "max ulps", "kept / expected", "z", "ok"):
+            table.add_column(col, justify="left" if col in ("node", "form", "mode", "shape", "ok") else "right")
+        for r in reports:
+            table.add_row(r.node, r.form, r.mode, "x".join(map(str, r.shape)), str(r.runs),
+                          str(r.mask_disagreements) if r.form == "custom" else "-",
+                          f"{r.max_ulps:.1f}" if r.form == "custom" else "-",
+                          f"{r.kept} / {r.expected_kept:.0f}", f"{r.z_kept:+.1f} / {r.z_mean:+.1f}",
+                          "[green]yes[/]" if r.ok else "[red]NO[/]")
+        out.print(table)
+        for r in bad:
+            for p in r.problems:
+                err.print(f"[red]{r.node}:[/] {p}", highlight=False)
+        out.print(f"{len(reports) - len(bad)} of {len(reports)} SAP nodes agree with the reference"
+                  + ("" if not bad else "; see the problems above"))
+    if bad:
+        raise typer.Exit(1)
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{option} takes comma-separated numbers, got {text!r}")
+        raise
+
+
+@app.command()
+def evaluate(
+    models: List[Path] = typer.Argument(..., help="ORIGINAL HARDENED, or HARDENED alone (then strip(HARDENED) "
+                                                  "stands for the original)."),
+    data: str = typer.Option("digits", help="An .npz with arrays x and y, or 'digits' (the bundled example)."),
+    eps: str = typer.Option("0.05,0.1,0.2,0.3", help="L-inf epsilons, comma-separated."),
+    attacks: str = typer.Option("transfer,spsa,square", help="Attacks to run (the worst case is over these)."),
+    passes: int = typer.Option(16, help="Stochastic runs per example when scoring (majority vote)."),
+    transfer_steps: int = typer.Option(40, help="PGD steps of the transfer attack."),
+    spsa_steps: int = typer.Option(40, help="SPSA steps."),
+    spsa_pairs: int = typer.Option(16, help="SPSA perturbation pairs per step."),
+    spsa_passes: int = typer.Option(4, help="Stochastic passes averaged per SPSA loss (EOT)."),
+    spsa_delta: float = typer.Option(0.5, help="SPSA perturbation size as a fraction of eps."),
+    square_iters: int = typer.Option(300, help="Square Attack iterations."),
+    square_passes: int = typer.Option(4, help="Stochastic passes averaged per Square Attack candidate."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first LIMIT examples."),
+    seed: int = typer.Option(0, help="Non-zero: the whole evaluation (attacks and SAP streams) is reproducible."),
+    provider: str = typer.Option("cpu", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write accuracy vs epsilon to this PNG."),
+) -> None:
+    """Clean accuracy, calibration and robust accuracy of ORIGINAL vs HARDENED under forward-only attacks."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .evaluate import EvalConfig, evaluate as evaluate_api, load_data, plot
+    from .modelio import load_model
+
+    if len(models) not in (1, 2):
+        fail("give ORIGINAL HARDENED, or HARDENED alone")
+    if plot_path is not None and not plot_path.parent.is_dir():
+        fail(f"--plot folder {plot_path.parent} does not exist")
+    original = load_model(models[0]) if len(models) == 2 else None
+    hardened = load_model(models[-1])
+    cfg = EvalConfig(eps=_floats(eps, "--eps"), attacks=[a.strip() for a in attacks.split(",") if a.strip()],
+                     passes=passes, transfer_steps=transfer_steps, spsa_steps=spsa_steps, spsa_pairs=spsa_pairs,
+                     spsa_passes=spsa_passes, spsa_delta=spsa_delta, square_iters=square_iters,
+                     square_passes=square_passes, limit=limit, seed=seed, provider=provider)
+    cfg.validate()
+    x, y = load_data(data, limit)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, disable=as_json, transient=True) as bars:
+        def progress(label: str, total: int):
+            task = bars.add_task(label, total=total)
+            return lambda: bars.advance(task)
+
+        result = evaluate_api(original, hardened, x, y, cfg, progress)
+    if plot_path is not None:
+        plot(result, plot_path)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{len(x)} examples from {data}; robust = survives every attack (majority of {passes} runs)",
+                  title_justify="left")
+    table.add_column("")
+    for name in ("original", "hardened"):
+        table.add_column(name, justify="right")
+    res = result["models"]
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    table.add_row("clean accuracy, 1 pass", *(pct(res[n]["clean_single"]) for n in ("original", "hardened")))
+    table.add_row(f"clean accuracy, {passes} passes", *(pct(res[n]["clean_multi"]) for n in ("original", "hardened")))
+    table.add_row("ECE, clean", *(f"{res[n]['ece']:.3f}" for n in ("original", "hardened")))
+    for e in cfg.eps:
+        key = f"{e:g}"
+        for attack in cfg.attacks + ["worst"]:
+            label = f"eps {key}: {attack}" if attack != "worst" else f"[bold]eps {key}: worst case[/]"
+            table.add_row(label, *(pct(res[n]["accuracy"][attack][key]) for n in ("original", "hardened")))
+        if "transfer" in cfg.attacks:
+            table.add_row(f"eps {key}: ECE under transfer", *(f"{res[n]['ece_under_attack'][key]:.3f}"
+                                                             for n in ("original", "hardened")))
+    out.print(table)
+    out.print(f"queries: original {res['original']['queries']:,}, hardened {res['hardened']['queries']:,}"
+              + (f"; plot written to {plot_path}" if plot_path else ""))
+
+
+@app.command()
+def bench(
+    model: Path = typer.Argument(..., help="The original model."),
+    hardened: Optional[Path] = typer.Option(None, help="Its hardened version (default: harden MODEL in memory)."),
+    provider: str = typer.Option("cpu", help="cpu or cuda."),
+    batch: List[int] = typer.Option([1], help="Batch sizes (repeat the option for several)."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
+    rounds: int = typer.Option(30, help="Timed rounds per batch size, after warm-up."),
+    mode: str = typer.Option("multinomial", help="SAP mode when hardening in memory."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Latency p50/p90 and throughput, original vs hardened, from interleaved rounds in one run."""
+    from .bench import bench as bench_api
+    from .modelio import load_model
+
+    if rounds < 1 or any(b < 1 for b in batch):
+        fail("--rounds and --batch must be >= 1")
+    opts = HardenOptions(mode=mode)
+    opts.validate()
+    results = bench_api(load_model(model), load_model(hardened) if hardened else None, provider=provider,
+                        batches=tuple(batch), threads=threads, rounds=rounds, options=opts)
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    table = Table(title=f"{model}: original vs hardened ({provider}, {rounds} interleaved rounds)", title_justify="left")
+    for col in ("batch", "original p50 ms", "p90", "hardened p50 ms", "p90", "throughput orig/s", "hardened/s",
+                "hardened / original"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(str(r.batch), f"{r.original.p50_ms:.3f}", f"{r.original.p90_ms:.3f}", f"{r.hardened.p50_ms:.3f}",
+                      f"{r.hardened.p90_ms:.3f}", f"{r.original.throughput:,.0f}", f"{r.hardened.throughput:,.0f}",
+                      f"[bold]{r.ratio_p50:.3f}[/] (p90 {r.ratio_p90:.3f})")
+    out.print(table)
 
 
 @app.command()

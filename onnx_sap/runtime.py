@@ -22,6 +22,22 @@ LIBRARY_NAME = "libonnx_sap_ops.so"
 _PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+def installed_file(relative: str) -> Path | None:
+    """A file installed inside the onnx_sap package by the build (op library, example data).
+
+    Looked up beside this module first, then in every onnx_sap folder on sys.path: running from a
+    source checkout puts its onnx_sap/ first, while the build's files sit in the installed copy.
+    """
+    path = resources.files("onnx_sap").joinpath(relative)
+    if path.is_file():
+        return Path(str(path))
+    for entry in sys.path:
+        candidate = Path(entry or ".") / "onnx_sap" / relative
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def get_library_path() -> str:
     """Path of the installed custom-op shared library (``ONNX_SAP_LIBRARY`` overrides it)."""
     override = os.environ.get("ONNX_SAP_LIBRARY")
@@ -29,15 +45,18 @@ def get_library_path() -> str:
         if not Path(override).is_file():
             raise OnnxSapError(f"ONNX_SAP_LIBRARY={override} does not exist; unset it or point it at {LIBRARY_NAME}")
         return override
-    path = resources.files("onnx_sap").joinpath(LIBRARY_NAME)
-    if path.is_file():
-        return str(path)
-    # Running from a source checkout (its onnx_sap/ first on sys.path): use the installed build.
-    for entry in sys.path:
-        candidate = Path(entry or ".") / "onnx_sap" / LIBRARY_NAME
-        if candidate.is_file():
-            return str(candidate)
-    raise OnnxSapError(f"{LIBRARY_NAME} is not installed; build and install the package with `pip install .`")
+    path = installed_file(LIBRARY_NAME)
+    if path is None:
+        raise OnnxSapError(f"{LIBRARY_NAME} is not installed; build and install the package with `pip install .`")
+    return str(path)
+
+
+def example_file(name: str) -> Path:
+    """A file of the bundled example (examples/digits/, installed as onnx_sap/data/)."""
+    path = installed_file(f"data/{name}")
+    if path is None:
+        raise OnnxSapError(f"example file {name} is not installed; reinstall the package with `pip install .`")
+    return path
 
 
 @functools.cache

@@ -1,0 +1,81 @@
+"""Overhead of SAP on a ResNet-18 (224x224, 17 Relus, 11.7 M parameters, random weights, built here with
+onnx.helper): hardened / original latency on the CPU, batch 1 and 32, both modes, from interleaved
+rounds in one run (onnx_sap.bench). Targets: <= 1.10 with bernoulli, <= 1.25 with multinomial.
+
+    python benchmarks/resnet18.py [--threads 2] [--rounds 20] [--batch 1 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_sap.bench import bench
+from onnx_sap.harden import HardenOptions
+
+
+def resnet18(num_classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """ResNet-18 (v1.5 layout, batch norm folded into conv biases) with He-initialised random weights."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    counter = {"n": 0}
+
+    def conv(x, cin, cout, k, stride, relu):
+        i = counter["n"] = counter["n"] + 1
+        w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}")])
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", kernel_shape=[k, k],
+                                      strides=[stride, stride], pads=[k // 2] * 4))
+        if not relu:
+            return f"c{i}"
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+        return f"r{i}"
+
+    x = conv("input", 3, 64, 7, 2, True)
+    nodes.append(helper.make_node("MaxPool", [x], ["pool"], name="maxpool", kernel_shape=[3, 3], strides=[2, 2],
+                                  pads=[1, 1, 1, 1]))
+    x, cin = "pool", 64
+    for stage, cout in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            h = conv(x, cin, cout, 3, stride, True)
+            h = conv(h, cout, cout, 3, 1, False)
+            skip = conv(x, cin, cout, 1, stride, False) if (stride != 1 or cin != cout) else x
+            name = f"add{stage}_{block}"
+            nodes.append(helper.make_node("Add", [h, skip], [name], name=name))
+            nodes.append(helper.make_node("Relu", [name], [name + "_relu"], name=name + "_relu"))
+            x, cin = name + "_relu", cout
+    fc_w = (rng.standard_normal((512, num_classes)) * 0.01).astype(np.float32)
+    inits += [numpy_helper.from_array(fc_w, "fc_w"), numpy_helper.from_array(np.zeros(num_classes, np.float32), "fc_b")]
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc")]
+    graph = helper.make_graph(nodes, "resnet18", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                ["N", 3, 224, 224])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes])], inits)
+    return helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    args = ap.parse_args()
+    model = resnet18()
+    relus = sum(n.op_type == "Relu" for n in model.graph.node)
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    print(f"ResNet-18: {relus} Relus, {params / 1e6:.1f} M parameters; {args.threads} threads, {args.rounds} rounds")
+    for mode, target in (("bernoulli", 1.10), ("multinomial", 1.25)):
+        for r in bench(model, batches=tuple(args.batch), threads=args.threads, rounds=args.rounds,
+                       options=HardenOptions(mode=mode)):
+            print(f"  {mode:<11} batch {r.batch:>3}: original p50 {r.original.p50_ms:8.2f} ms, hardened p50 "
+                  f"{r.hardened.p50_ms:8.2f} ms, hardened/original {r.ratio_p50:.3f} (p90 {r.ratio_p90:.3f}; "
+                  f"target <= {target})")
+
+
+if __name__ == "__main__":
+    main()

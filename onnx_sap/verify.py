@@ -1,0 +1,226 @@
+"""`verify`: the SAP nodes of a hardened model, as they run in ONNX Runtime, against the reference.
+
+Each custom SAP node's input and output are exposed as extra graph outputs of a copy whose nodes have
+fixed seeds; over several runs (call indices 0, 1, ...) the op's keep mask must equal the reference's
+outside SPEC.md's margin band, kept values must agree to 4 ulps, and the statistics must hold.
+Portable-form regions cannot reproduce the Philox stream and are checked by statistics alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import reference
+from .check import random_feeds
+from .errors import OnnxSapError
+from .harden import PREFIX
+from .runtime import DOMAIN, OP_TYPE, make_session
+
+BAND = 1e-5
+MAX_ULPS = 4
+Z_LIMIT = 6.0
+
+
+@dataclass
+class NodeReport:
+    """What verify found for one SAP node."""
+
+    node: str
+    form: str
+    mode: str
+    shape: list[int]
+    runs: int
+    mask_disagreements: int = 0
+    max_ulps: float = 0.0
+    kept: int = 0
+    expected_kept: float = 0.0
+    z_kept: float = 0.0
+    z_mean: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    a = {"mode": "multinomial", "ratio": 1.0, "samples": 0, "axis": 1, "seed": 0, "stream": 0}
+    for attr in node.attribute:
+        v = onnx.helper.get_attribute_value(attr)
+        a[attr.name] = v.decode() if isinstance(v, bytes) else v
+    return a
+
+
+def compare_with_reference(x: np.ndarray, y: np.ndarray, attrs: dict, call: int) -> tuple[int, float]:
+    """(mask disagreements outside the band, worst kept-value error in ulps) of one op call."""
+    ref = reference.sap(x, call=call, mode=attrs["mode"], ratio=attrs["ratio"], samples=attrs["samples"],
+                        axis=attrs["axis"], seed=attrs["seed"], stream=attrs["stream"], return_details=True)
+    kept = y != 0
+    flat = np.abs(x.astype(np.float64)).reshape(int(np.prod(x.shape[:attrs["axis"]], dtype=np.int64)), -1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = flat.sum(axis=1)
+    passthrough = np.broadcast_to(((s == 0) | ~np.isfinite(s))[:, None], flat.shape).reshape(x.shape)
+    disagree = int(np.sum((ref.margin > BAND) & ~passthrough & (kept != ref.keep)))
+    both = kept & ref.keep & ~passthrough
+    if not both.any():
+        return disagree, 0.0
+    ulp = np.spacing(np.abs(ref.y[both]).astype(y.dtype)).astype(np.float64)
+    err = np.abs(y[both].astype(np.float64) - ref.y[both].astype(np.float64)) / ulp
+    if passthrough.any() and not np.array_equal(y[passthrough], x[passthrough], equal_nan=True):
+        disagree += 1
+    return disagree, float(err.max())
+
+
+def statistics(xs: list[np.ndarray], ys: list[np.ndarray], attrs: dict, r_of_m) -> tuple[int, float, float, float]:
+    """(kept, expected kept, z of the kept count, z of sum(y - x)) over runs, from q = 1 - (1 - p)^r.
+    Multinomial keeps are negatively correlated, so the binomial variance used here is conservative."""
+    kept = 0
+    expected = var_k = diff = var_d = 0.0
+    for x, y in zip(xs, ys):
+        axis = attrs["axis"]
+        n = int(np.prod(x.shape[:axis], dtype=np.int64))
+        a = np.abs(x.astype(np.float64)).reshape(n, -1)
+        s = a.sum(axis=1, keepdims=True)
+        ok = (s[:, 0] > 0) & np.isfinite(s[:, 0])
+        a, s = a[ok], s[ok]
+        q = reference.keep_probability(a / s, r_of_m(a.shape[1]))
+        yy = y.astype(np.float64).reshape(n, -1)[ok]
+        xx = x.astype(np.float64).reshape(n, -1)[ok]
+        kept += int((yy != 0).sum())
+        expected += float(q.sum())
+        var_k += float((q * (1 - q)).sum())
+        nz = q > 0
+        diff += float((yy - xx).sum())
+        var_d += float((xx[nz] ** 2 * (1 - q[nz]) / q[nz]).sum())
+    z_k = (kept - expected) / np.sqrt(var_k) if var_k > 0 else 0.0
+    z_d = diff / np.sqrt(var_d) if var_d > 0 else 0.0
+    return kept, expected, float(z_k), float(z_d)
+
+
+def _value_info(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto:
+    for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+        if vi.name == name:
+            out = onnx.ValueInfoProto()
+            out.CopyFrom(vi)
+            return out
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+
+
+def _portable_regions(graph: onnx.GraphProto) -> dict[str, tuple[str, str, dict]]:
+    """Portable SAP regions of the main graph: prefix -> (input tensor, output tensor, facts)."""
+    regions: dict[str, dict] = {}
+    for n in graph.node:
+        if n.name.startswith(PREFIX + "portable/"):
+            key, role = n.name.split("#", 1)
+            reg = regions.setdefault(key, {})
+            if role == "x64":
+                reg["input"] = n.input[0]
+            elif role == "out":
+                reg["output"] = n.output[0]
+            elif role == "draws":
+                reg["mode"] = "multinomial"
+                reg["r"] = next(a.i for a in n.attribute if a.name == "sample_size")
+            elif role == "u":
+                reg["mode"] = "bernoulli"
+            elif role == "axes":
+                reg["axis_tensor"] = n.input[0]
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    out = {}
+    for key, reg in regions.items():
+        reg["axis"] = int(consts.get(reg.get("axis_tensor"), np.array(1)))
+        out[key] = (reg["input"], reg["output"], reg)
+    return out
+
+
+def verify(model: onnx.ModelProto | str, *, provider: str = "cpu", runs: int = 8, seed: int = 20260101,
+           feeds: dict[str, np.ndarray] | None = None) -> list[NodeReport]:
+    """Check every SAP node of a hardened model against the reference (custom) or statistics (portable)."""
+    m = onnx.load(model) if not isinstance(model, onnx.ModelProto) else model
+    m = onnx.shape_inference.infer_shapes(copy.deepcopy(m), strict_mode=False)
+    custom = [n for n in m.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
+    portable = _portable_regions(m.graph)
+    if not custom and not portable:
+        raise OnnxSapError("no SAP nodes in the main graph: nothing to verify; harden the model first")
+    runs_needed = runs if not portable else max(runs, 200)
+    existing = {o.name for o in m.graph.output}
+    taps: list[str] = []
+    for i, n in enumerate(custom):
+        for a in n.attribute:
+            if a.name == "seed" and a.i == 0:
+                a.i = seed + i  # reproducible copy: seed 0 would draw OS entropy
+        if not any(a.name == "seed" for a in n.attribute):
+            n.attribute.append(onnx.helper.make_attribute("seed", seed + i))
+        taps += [n.input[0], n.output[0]]
+    for inp, outp, _ in portable.values():
+        taps += [inp, outp]
+    for name in dict.fromkeys(taps):
+        if name not in existing:
+            m.graph.output.append(_value_info(m, name))
+    sess = make_session(m, provider)
+    feeds = feeds if feeds is not None else random_feeds(sess, batch=4, seed=seed)
+    names = [o.name for o in sess.get_outputs()]
+    captured: dict[str, list[np.ndarray]] = {t: [] for t in taps}
+    for call in range(runs_needed):
+        outs = dict(zip(names, sess.run(None, feeds)))
+        for t in taps:
+            captured[t].append(outs[t])
+    reports = []
+    for n in custom:
+        attrs = _attrs(n)
+        xs, ys = captured[n.input[0]][:runs], captured[n.output[0]][:runs]
+        rep = NodeReport(n.name, "custom", attrs["mode"], list(xs[0].shape), len(xs))
+        for call, (x, y) in enumerate(zip(xs, ys)):
+            d, u = compare_with_reference(x, y, attrs, call)
+            rep.mask_disagreements += d
+            rep.max_ulps = max(rep.max_ulps, u)
+        rep.kept, rep.expected_kept, rep.z_kept, rep.z_mean = statistics(
+            xs, ys, attrs, lambda mm: reference.sample_count(mm, attrs["ratio"], attrs["samples"]))
+        if rep.mask_disagreements:
+            rep.problems.append(f"{rep.mask_disagreements} keep decisions differ from the reference outside the band")
+        if rep.max_ulps > MAX_ULPS:
+            rep.problems.append(f"kept values differ by {rep.max_ulps:.1f} ulps (> {MAX_ULPS})")
+        _check_stats(rep)
+        reports.append(rep)
+    for key, (inp, outp, facts) in portable.items():
+        xs, ys = captured[inp], captured[outp]
+        rep = NodeReport(key, "portable", facts.get("mode", "?"), list(xs[0].shape), len(xs))
+        attrs = {"axis": facts["axis"]}
+        r_fixed = facts.get("r")
+        ratio = _portable_ratio(m.graph, key)
+        rep.kept, rep.expected_kept, rep.z_kept, rep.z_mean = statistics(
+            xs, ys, attrs, lambda mm: r_fixed if r_fixed else (ratio(mm)))
+        if facts.get("mode") == "multinomial":
+            n_ex = int(np.prod(xs[0].shape[:facts["axis"]], dtype=np.int64))
+            most = max(int((y.reshape(n_ex, -1) != 0).sum(axis=1).max()) for y in ys)
+            if most > r_fixed:
+                rep.problems.append(f"{most} distinct elements kept, more than r = {r_fixed}")
+        _check_stats(rep)
+        reports.append(rep)
+    return reports
+
+
+def _portable_ratio(graph: onnx.GraphProto, key: str):
+    """r as a function of m for a portable region: from its ratio constant, or its fixed r."""
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    fixed = None
+    ratio = None
+    for n in graph.node:
+        if n.name == f"{key}#r" and n.op_type == "Constant":
+            fixed = float(onnx.numpy_helper.to_array(n.attribute[0].t))
+        if n.name == f"{key}#r_mul":
+            ratio = float(consts.get(n.input[1], np.array(1.0)))
+    if ratio is not None:
+        return lambda m: max(1, int(np.floor(ratio * m))) * (fixed or 1.0)
+    return lambda m: fixed
+
+
+def _check_stats(rep: NodeReport) -> None:
+    if abs(rep.z_kept) > Z_LIMIT:
+        rep.problems.append(f"kept {rep.kept} elements where {rep.expected_kept:.0f} were expected "
+                            f"(z = {rep.z_kept:.1f})")
+    if abs(rep.z_mean) > Z_LIMIT:
+        rep.problems.append(f"E[Y] != X: sum(Y - X) is {rep.z_mean:.1f} standard errors from 0")

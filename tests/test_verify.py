@@ -1,0 +1,81 @@
+"""verify: passes on hardened models, fails on a corrupted SAP node."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from models import cnn, with_if
+
+from onnx_sap import reference
+from onnx_sap.api import harden
+from onnx_sap.verify import compare_with_reference, verify
+
+
+@pytest.mark.parametrize("mode", ["multinomial", "bernoulli"])
+def test_verify_passes_on_hardened_models(mode):
+    reports = verify(harden(cnn(), mode=mode, ratio=0.5).model, runs=4)
+    assert len(reports) == 2 and all(r.ok for r in reports), [r.problems for r in reports]
+    assert all(r.mask_disagreements == 0 and r.max_ulps <= 4 for r in reports)
+
+
+def test_compare_detects_a_wrong_scale_and_a_wrong_mask():
+    x = np.abs(np.random.default_rng(0).standard_normal((3, 50))).astype(np.float32)
+    attrs = dict(mode="bernoulli", ratio=1.0, samples=0, axis=1, seed=5, stream=2)
+    y = reference.sap(x, call=1, **{k: v for k, v in attrs.items()})
+    assert compare_with_reference(x, y, attrs, call=1) == (0, 0.0)
+    assert compare_with_reference(x, y * np.float32(1.01), attrs, call=1)[1] > 4
+    assert compare_with_reference(x, y, attrs, call=2)[0] > 0  # another call's mask
+
+
+def test_verify_portable_form_statistically_and_catches_a_corrupted_scale(tmp_path):
+    h = harden(cnn(), portable=True, mode="bernoulli").model
+    assert all(r.ok for r in verify(h, runs=200))
+    # Corrupt the survivors' scale (x / q becomes 1.25 x / q): E[Y] = X no longer holds.
+    for node in h.graph.node:
+        if node.name.endswith("#x_over_q"):
+            scale = onnx.numpy_helper.from_array(np.array(1.25), name="corrupt_scale")
+            h.graph.initializer.append(scale)
+            mul_out = node.output[0] + "_corrupt"
+            h.graph.node.append(onnx.helper.make_node("Mul", [mul_out, "corrupt_scale"], [node.output[0]]))
+            node.output[0] = mul_out
+    sorted_nodes = _toposort(h.graph)
+    del h.graph.node[:]
+    h.graph.node.extend(sorted_nodes)
+    reports = verify(h, runs=200)
+    assert not all(r.ok for r in reports)
+    path = tmp_path / "corrupt.onnx"
+    onnx.save(h, path)
+    res = subprocess.run([sys.executable, "-m", "onnx_sap", "verify", str(path)], capture_output=True, text=True)
+    assert res.returncode == 1 and "E[Y] != X" in res.stderr
+
+
+def test_verify_refuses_cuda_without_gpu_runtime():
+    h = harden(cnn()).model
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(Exception, match="no CUDA provider"):
+        verify(h, provider="cuda")
+
+
+def test_verify_skips_nothing_silently_for_subgraph_only_models():
+    with pytest.raises(Exception, match="nothing to verify"):
+        verify(harden(with_if()).model)
+
+
+def _toposort(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, done = list(graph.node), []
+    while pending:
+        for n in pending:
+            if all(i in available for i in n.input):
+                done.append(n)
+                available.update(n.output)
+                pending.remove(n)
+                break
+        else:
+            raise AssertionError("cycle")
+    return done
