@@ -41,9 +41,9 @@ class EvalConfig:
     passes: int = 16  # stochastic runs per example when scoring (and for the K-pass clean accuracy)
     transfer_steps: int = 40
     spsa_steps: int = 40
-    spsa_pairs: int = 16
-    spsa_passes: int = 4
-    spsa_delta: float = 0.1  # relative to eps; SAP's noise drowns small perturbations
+    spsa_pairs: int = 32
+    spsa_passes: int = 2
+    spsa_delta: float = 1.0  # relative to eps; SAP's noise drowns small perturbations (README: tuning)
     square_iters: int = 300
     square_passes: int = 4
     square_p: float = 0.3

@@ -126,6 +126,51 @@ SAP_HD void store(Half* p, int64_t i, double v) { p[i].bits = double_to_half_bit
 // ---------------------------------------------------------------------------------------------
 // Per-chunk math.
 
+// Error-free addition (Knuth's TwoSum): s + err == a + b exactly.
+SAP_HD void two_sum(double a, double b, double& s, double& err) {
+  s = a + b;
+  const double bp = s - a;
+  err = (a - (s - bp)) + (b - bp);
+}
+
+// Sum of |x| over [begin, end) of one example, in float64 with compensation, so that every
+// implementation lands within about an ulp of the exact S whatever its chunking (float64 outputs
+// are compared to 4 ulps). Four independent lanes keep the loop pipelined.
+template <typename T>
+SAP_HD double abs_sum(const T* x, int64_t begin, int64_t end) {
+  double s[4] = {0, 0, 0, 0}, c[4] = {0, 0, 0, 0};
+  int64_t i = begin;
+  for (; i + 4 <= end; i += 4) {
+    for (int l = 0; l < 4; ++l) {
+      double e;
+      two_sum(s[l], fabs(load(x, i + l)), s[l], e);
+      c[l] += e;
+    }
+  }
+  for (; i < end; ++i) {
+    double e;
+    two_sum(s[0], fabs(load(x, i)), s[0], e);
+    c[0] += e;
+  }
+  double total = 0, comp = 0;
+  for (int l = 0; l < 4; ++l) {
+    double e;
+    two_sum(total, s[l], total, e);
+    comp += e + c[l];
+  }
+  return total + comp;
+}
+
+// Whether a per-example sum lets SAP act: S = 0 or a non-finite S means pass-through.
+SAP_HD bool sum_is_usable(double s) { return s > 0.0 && s < INFINITY; }
+
+// Copies [begin, end) unchanged (the pass-through cases of SPEC.md).
+template <typename T>
+SAP_HD void copy_range(const T* x, T* y, int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; ++j) y[j] = x[j];
+}
+
+
 // q = 1 - (1 - p)^r, in float64 as SPEC.md writes it, with the C library's log1p and expm1.
 SAP_HD double keep_probability(double p, double r) { return -expm1(r * log1p(-p)); }
 
@@ -147,8 +192,7 @@ SAP_HD double double_of(uint64_t b) {
   return d;
 }
 
-// Largest p for which the series of -log1p(-p) below is used; larger p (at most 256 per example,
-// since the p sum to 1) go through the C library.
+// Largest p for which the series of -log1p(-p) below is used.
 constexpr double kSeriesMaxP = 1.0 / 256;
 
 // -log1p(-p) = p + p^2/2 + ... + p^6/6 for 0 <= p <= 1/256 (truncation < 1e-15 relative).
@@ -207,6 +251,16 @@ SAP_HD double neg_log_unit(double u) {
   return -((e * 6.93147180369123816490e-01 + 2.0 * s * t) + e * 1.90821492927058770002e-10);
 }
 
+// -log1p(-p) for 0 <= p <= 1: the series for small p (where 1 - p would round p away), else
+// -log(1 - p), whose rounding error (1e-16 / p) is below 3e-14 relative there. p = 1 gives about
+// 745 (log of the smallest double) rather than inf: q is 1 either way.
+SAP_HD double neg_log1m(double p) {
+  const double small = neg_log1m_series(p < kSeriesMaxP ? p : 0.0);
+  const double one_minus = 1.0 - p;
+  const double large = neg_log_unit(one_minus > 4.9e-324 ? one_minus : 4.9e-324);
+  return p < kSeriesMaxP ? small : large;
+}
+
 }  // namespace fast
 
 // Elements (and variates) handled per step of the block loops below: large on the CPU so the inner
@@ -253,70 +307,23 @@ SAP_HD void uniform_run(const StreamKey& key, uint64_t first_block, uint32_t n, 
   }
 }
 
-// q for a run of elements: the vectorized polynomials, except for float64 outputs and for the few
-// elements with p > 1/16, which take the C library's functions.
+// q for a run of elements: the vectorized polynomials, except for float64 outputs, which take the C
+// library's functions.
 template <typename T>
 SAP_HD void keep_probabilities(const double* a, int len, double sum, double r, double* q) {
   if (sizeof(T) == sizeof(double)) {
     for (int i = 0; i < len; ++i) q[i] = keep_probability(a[i] / sum, r);
     return;
   }
-  int large = 0;
   const double inv_sum = 1.0 / sum;  // within an ulp of a / sum: enough outside float64 outputs
-  for (int i = 0; i < len; ++i) {
-    const double p = a[i] * inv_sum;
-    large += p > fast::kSeriesMaxP;
-    q[i] = fast::neg_expm1(-r * fast::neg_log1m_series(p > fast::kSeriesMaxP ? 0.0 : p));
+  double p_max = 0.0;
+  for (int i = 0; i < len; ++i) p_max = a[i] > p_max ? a[i] : p_max;
+  p_max *= inv_sum;
+  if (p_max < fast::kSeriesMaxP) {  // the common case in large examples: the series alone
+    for (int i = 0; i < len; ++i) q[i] = fast::neg_expm1(-r * fast::neg_log1m_series(a[i] * inv_sum));
+  } else {
+    for (int i = 0; i < len; ++i) q[i] = fast::neg_expm1(-r * fast::neg_log1m(a[i] * inv_sum));
   }
-  if (large) {
-    for (int i = 0; i < len; ++i) {
-      if (a[i] / sum > fast::kSeriesMaxP) q[i] = keep_probability(a[i] / sum, r);
-    }
-  }
-}
-
-// Error-free addition (Knuth's TwoSum): s + err == a + b exactly.
-SAP_HD void two_sum(double a, double b, double& s, double& err) {
-  s = a + b;
-  const double bp = s - a;
-  err = (a - (s - bp)) + (b - bp);
-}
-
-// Sum of |x| over [begin, end) of one example, in float64 with compensation, so that every
-// implementation lands within about an ulp of the exact S whatever its chunking (float64 outputs
-// are compared to 4 ulps). Four independent lanes keep the loop pipelined.
-template <typename T>
-SAP_HD double abs_sum(const T* x, int64_t begin, int64_t end) {
-  double s[4] = {0, 0, 0, 0}, c[4] = {0, 0, 0, 0};
-  int64_t i = begin;
-  for (; i + 4 <= end; i += 4) {
-    for (int l = 0; l < 4; ++l) {
-      double e;
-      two_sum(s[l], fabs(load(x, i + l)), s[l], e);
-      c[l] += e;
-    }
-  }
-  for (; i < end; ++i) {
-    double e;
-    two_sum(s[0], fabs(load(x, i)), s[0], e);
-    c[0] += e;
-  }
-  double total = 0, comp = 0;
-  for (int l = 0; l < 4; ++l) {
-    double e;
-    two_sum(total, s[l], total, e);
-    comp += e + c[l];
-  }
-  return total + comp;
-}
-
-// Whether a per-example sum lets SAP act: S = 0 or a non-finite S means pass-through.
-SAP_HD bool sum_is_usable(double s) { return s > 0.0 && s < INFINITY; }
-
-// Copies [begin, end) unchanged (the pass-through cases of SPEC.md).
-template <typename T>
-SAP_HD void copy_range(const T* x, T* y, int64_t begin, int64_t end) {
-  for (int64_t j = begin; j < end; ++j) y[j] = x[j];
 }
 
 // q of one element, with the same precision policy as keep_probabilities.
