@@ -241,8 +241,13 @@ def evaluate(
 
     if len(models) not in (1, 2):
         fail("give ORIGINAL HARDENED, or HARDENED alone")
-    if plot_path is not None and not plot_path.parent.is_dir():
-        fail(f"--plot folder {plot_path.parent} does not exist")
+    if plot_path is not None:
+        if not plot_path.parent.is_dir():
+            fail(f"--plot folder {plot_path.parent} does not exist")
+        try:  # fail before the attacks, not after
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--plot needs matplotlib: pip install matplotlib (or onnx-sap[plot])")
     original = load_model(models[0]) if len(models) == 2 else None
     hardened = load_model(models[-1])
     cfg = EvalConfig(eps=_floats(eps, "--eps"), attacks=[a.strip() for a in attacks.split(",") if a.strip()],

@@ -85,8 +85,10 @@ def constant_value(t: gs.Tensor) -> np.ndarray | None:
     return None
 
 
-def is_scalar(t: gs.Tensor, value: float, rtol: float = 1e-3) -> bool:
+def is_scalar(t: gs.Tensor | None, value: float, rtol: float = 1e-3) -> bool:
     """Whether t is a constant whose elements all equal value (within rtol)."""
+    if t is None:
+        return False
     v = constant_value(t)
     return v is not None and v.size >= 1 and bool(np.allclose(v.astype(np.float64), value, rtol=rtol, atol=0))
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and builds + installs onnx-sap into it with the test extras.
+# Creates .venv (if missing) and builds + installs onnx-sap into it with the test and plot extras.
 # The op library is built with CUDA kernels whenever nvcc is found (ONNX_SAP_CUDA=AUTO); set
 # ONNX_SAP_CUDA=ON to require them (CI does), OFF to skip them.
 set -euo pipefail
@@ -12,5 +12,5 @@ if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDACXX=/usr/local/cuda/bin/nvcc
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q ".[test]"
+.venv/bin/python -m pip install -q ".[test,plot]"
 .venv/bin/python -c "import onnx_sap; print(f'onnx-sap {onnx_sap.__version__}: op library {onnx_sap.get_library_path()} (CUDA kernels: {onnx_sap.has_cuda_kernels()})')"

@@ -28,10 +28,11 @@ def f32(name, shape):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
-def dense_with(act, width=24, opset=17, extra_opsets=()) -> onnx.ModelProto:
-    """x[N,16] -> MatMul -> activation -> MatMul -> logits[N,10]."""
-    w1 = const("W1", RNG.standard_normal((16, width)) * 0.5)
-    w2 = const("W2", RNG.standard_normal((width, 10)) * 0.5)
+def dense_with(act, width=24, opset=17, extra_opsets=(), seed=0) -> onnx.ModelProto:
+    """x[N,16] -> MatMul -> activation -> MatMul -> logits[N,10] (weights fixed by seed)."""
+    rng = np.random.default_rng(seed)
+    w1 = const("W1", rng.standard_normal((16, width)) * 0.5)
+    w2 = const("W2", rng.standard_normal((width, 10)) * 0.5)
     nodes, out, inits = act("h")
     return model([helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1")] + nodes
                  + [helper.make_node("MatMul", [out, "W2"], ["logits"], name="fc2")],
@@ -247,3 +248,20 @@ def legacy_ir3() -> onnx.ModelProto:
     for init in m.graph.initializer:
         m.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     return m
+
+
+def with_loop() -> onnx.ModelProto:
+    """A Relu inside a Loop body (run twice), reading an outer-scope weight."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("MatMul", ["carried", "Wl"], ["lh"], name="loop_fc"),
+         helper.make_node("Relu", ["lh"], ["carried_out"], name="loop_relu")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         f32("carried", ["N", 16])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), f32("carried_out", ["N", 16])])
+    inits = [const("Wl", RNG.standard_normal((16, 16)) * 0.3), const("W2", RNG.standard_normal((16, 10))),
+             const("trips", 2, np.int64), const("go", True, np.bool_)]
+    nodes = [helper.make_node("Loop", ["trips", "go", "x"], ["looped"], name="loop", body=body),
+             helper.make_node("MatMul", ["looped", "W2"], ["logits"], name="fc")]
+    return model(nodes, [f32("x", ["N", 16])], [f32("logits", ["N", 10])], inits)

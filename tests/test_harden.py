@@ -5,7 +5,8 @@ import hashlib
 import numpy as np
 import onnx
 import pytest
-from models import ACTIVATIONS, SPECIAL, activation_as_output, cnn, dense_with, legacy_ir3, residual, with_if
+from models import (ACTIVATIONS, SPECIAL, activation_as_output, cnn, dense_with, legacy_ir3, residual, with_if,
+                    with_loop)
 
 from onnx_sap import DOMAIN, OP_TYPE, make_session
 from onnx_sap.api import harden, inspect, strip
@@ -107,6 +108,13 @@ def test_activations_inside_if_branches():
     assert_strip_restores(m, report.model, {"x": X16})
 
 
+def test_activation_inside_a_loop_body():
+    m = with_loop()
+    report = harden(m, mode="bernoulli", seed=4)
+    assert [s.graph for s in report.plan.sites] == ["main/loop.body"]
+    assert_strip_restores(m, report.model, {"x": X16})
+
+
 def test_legacy_ir3_model_keeps_initializers_as_inputs(tmp_path):
     m = legacy_ir3()
     src = tmp_path / "legacy.onnx"
@@ -179,7 +187,7 @@ def test_ensemble_averages_k_passes_in_one_run(reduce):
 
 
 def test_portable_bernoulli_is_unbiased_and_runs_without_the_op():
-    m = dense_with(ACTIVATIONS["relu"][1], width=6)
+    m = dense_with(ACTIVATIONS["relu"][1])
     h = harden(m, portable=True, mode="bernoulli", samples=3).model
     assert not sap_nodes(h) and all(o.domain != DOMAIN for o in h.opset_import)
     import onnxruntime as ort
@@ -187,11 +195,12 @@ def test_portable_bernoulli_is_unbiased_and_runs_without_the_op():
     sess = ort.InferenceSession(h.SerializeToString(), providers=["CPUExecutionProvider"])  # no op library
     x = X16[:1]
     w1 = onnx.numpy_helper.to_array(m.graph.initializer[0])
-    w2 = onnx.numpy_helper.to_array(m.graph.initializer[1])
-    outs = np.stack([sess.run(None, {"x": x})[0] for _ in range(3000)])
-    expected = np.maximum(x @ w1, 0) @ w2
+    assert (x @ w1 > 0).sum() >= 3  # several activations compete, so SAP is random here
+    outs = np.stack([sess.run(None, {"x": x})[0] for _ in range(3000)]).astype(np.float64)
+    expected = run(m, {"x": x})[0].astype(np.float64)
+    assert outs.std(axis=0).min() > 0
     sem = outs.std(axis=0) / np.sqrt(len(outs))
-    assert np.all(np.abs(outs.mean(axis=0) - expected) <= 5 * sem + 1e-6)
+    assert np.all(np.abs(outs.mean(axis=0) - expected) <= 5 * sem + 1e-5 * np.abs(expected))
     assert_strip_restores(m, h, {"x": X16})
 
 

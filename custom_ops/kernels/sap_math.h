@@ -373,23 +373,33 @@ struct SampleCursor {
   int64_t chunk;           // variates per chunk (a multiple of kBlock)
   double scale;            // S / G_r: sample k sits at G_k * scale
   uint64_t k;              // current sample index
-  double g;                // G_k
-  double e[kBlock];        // E of the kBlock variates around k
+  uint64_t base;           // first variate of the loaded block
+  double g_last;           // G of the loaded block's last variate
+  double pos[kBlock];      // positions of the loaded block's variates
 
-  SAP_HD double position() const { return g * scale; }
+  SAP_HD double position() const { return pos[k - base]; }
+  // Loads the kBlock variates from b (a multiple of kBlock), given G of the variate before b.
+  SAP_HD void load(const StreamKey& key, uint32_t n, uint64_t b, double g_prev) {
+    base = b;
+    exponential_run(key, b >> 2, n, pos);
+    double g = g_prev;
+    for (int i = 0; i < kBlock; ++i) {  // a running sum: a latency chain, kept out of the vector loops
+      g += pos[i];
+      pos[i] = g;
+    }
+    g_last = g;
+    for (int i = 0; i < kBlock; ++i) pos[i] *= scale;
+  }
   SAP_HD void seek_chunk_start(const StreamKey& key, uint32_t n, int64_t d) {
     k = static_cast<uint64_t>(d) * static_cast<uint64_t>(chunk);
-    exponential_run(key, k >> 2, n, e);
-    g = g_before[d] + e[0];
+    load(key, n, k, g_before[d]);
   }
   SAP_HD void advance(const StreamKey& key, uint32_t n) {
     ++k;
-    if (k % static_cast<uint64_t>(chunk) == 0) {
-      seek_chunk_start(key, n, static_cast<int64_t>(k / static_cast<uint64_t>(chunk)));
-      return;
+    if (k - base == static_cast<uint64_t>(kBlock)) {
+      const uint64_t c = static_cast<uint64_t>(chunk);
+      load(key, n, k, k % c == 0 ? g_before[k / c] : g_last);
     }
-    if (k % kBlock == 0) exponential_run(key, k >> 2, n, e);
-    g += e[k % kBlock];
   }
 };
 
@@ -448,7 +458,8 @@ SAP_HD void multinomial_range(const T* x, T* y, int64_t begin, int64_t end, doub
       // would be one long dependency chain. idx = number of bounds <= pos (bounds past len are +inf).
       for (int t = 0; t < np; ++t) {
         int idx = 0;
-        for (int step = kBlock / 2; step >= 1; step /= 2) idx += bound[idx + step - 1] <= pos[t] ? step : 0;
+        const double pt = pos[t];
+        for (int step = kBlock / 2; step >= 1; step /= 2) idx += step & -static_cast<int>(bound[idx + step - 1] <= pt);
         hit[idx] = 1;
       }
       if (np < kBlock) break;
@@ -566,7 +577,7 @@ SAP_HD void apply_task(const Layout& l, const T* x, T* y, const double* scratch,
   }
   const double* g_before = scratch + l.examples * l.c_stride() + n * l.g_stride();
   const double g_total = g_before[l.var_chunks];
-  SampleCursor cur{g_before, l.var_chunk, sum / g_total, 0, 0.0, {}};
+  SampleCursor cur{g_before, l.var_chunk, sum / g_total, 0, 0, 0.0, {}};
   const uint64_t k_begin = first_sample_at_or_after(cur, key, n32, l.r, l.var_chunks, c_before[c]);
   const uint64_t k_end =
       c + 1 < l.elem_chunks ? first_sample_at_or_after(cur, key, n32, l.r, l.var_chunks, c_before[c + 1]) : l.r;
