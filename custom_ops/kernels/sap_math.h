@@ -258,6 +258,9 @@ constexpr int kBlock = 4;
 #else
 constexpr int kBlock = 64;
 #endif
+// The multinomial sample search splits a run of kBlock bounds into kGroups groups of kGroup.
+constexpr int kGroup = kBlock >= 64 ? 8 : 2;
+constexpr int kGroups = kBlock / kGroup;
 
 // Uniforms of kBlock consecutive stream positions starting at position 4 * first_block. Lane-major
 // arrays so that the ten Philox rounds vectorize across blocks.
@@ -448,18 +451,24 @@ SAP_HD void multinomial_range(const T* x, T* y, int64_t begin, int64_t end, doub
       if (a[i] > 0.0) last_nonzero = b + i;
     }
     for (int i = len; i < kBlock; ++i) bound[i] = INFINITY;
+    double tops[kGroups];
+    for (int g = 0; g < kGroups; ++g) tops[g] = bound[g * kGroup + kGroup - 1];
     for (;;) {
       int np = 0;
       while (np < kBlock && cur.k < k_end && cur.position() < c) {
         pos[np++] = cur.position();
         cur.advance(key, n);
       }
-      // Branch-free binary search per sample: independent searches overlap, where a merge walk
-      // would be one long dependency chain. idx = number of bounds <= pos (bounds past len are +inf).
+      // Each sample's element in two short levels (the groups' last bounds, then one group), with
+      // comparisons counted rather than branched on: no long dependency chain, nothing to
+      // mispredict. Bounds past len are +inf, and every pos < c = bound[len - 1].
       for (int t = 0; t < np; ++t) {
-        int idx = 0;
         const double pt = pos[t];
-        for (int step = kBlock / 2; step >= 1; step /= 2) idx += step & -static_cast<int>(bound[idx + step - 1] <= pt);
+        int group = 0;
+        for (int g = 0; g < kGroups; ++g) group += tops[g] <= pt;
+        int idx = group * kGroup;
+        const int first = idx;
+        for (int j = 0; j < kGroup; ++j) idx += bound[first + j] <= pt;
         hit[idx] = 1;
       }
       if (np < kBlock) break;
