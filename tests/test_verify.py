@@ -27,6 +27,11 @@ def test_compare_detects_a_wrong_scale_and_a_wrong_mask():
     assert compare_with_reference(x, y, attrs, call=1) == (0, 0.0)
     assert compare_with_reference(x, y * np.float32(1.01), attrs, call=1)[1] > 4
     assert compare_with_reference(x, y, attrs, call=2)[0] > 0  # another call's mask
+    x[0] = 0  # an all-zero example is copied: any change to it is a disagreement
+    y = reference.sap(x, call=1, **attrs)
+    assert compare_with_reference(x, y, attrs, call=1)[0] == 0
+    y[0, 3] = 1.0
+    assert compare_with_reference(x, y, attrs, call=1)[0] == 1
 
 
 def test_verify_portable_form_statistically_and_catches_a_corrupted_scale(tmp_path):
