@@ -5,6 +5,7 @@ the original computes: a cheap proof that nothing else in the graph changed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -69,6 +70,22 @@ def _run(sess, feeds, what: str) -> list[np.ndarray]:
                            "to skip this check") from None
 
 
+def _deterministic_session(hardened: onnx.ModelProto | str):
+    """A session of the hardened model with SAP made deterministic. From a file, the copy is written
+    beside it without loading its tensors, so that external data (models over 2 GiB) still resolves
+    and nothing large is copied in memory."""
+    what = "hardened (deterministic)"
+    if isinstance(hardened, onnx.ModelProto):
+        return _session(with_deterministic_sap(hardened), what)
+    path = Path(hardened)
+    det_path = path.with_name(path.name + ".deterministic.onnx")
+    onnx.save(with_deterministic_sap(onnx.load(str(path), load_external_data=False)), str(det_path))
+    try:
+        return _session(str(det_path), what)  # ONNX Runtime has read the file once the session exists
+    finally:
+        det_path.unlink(missing_ok=True)
+
+
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.float64)
     z = z - z.max(axis=-1, keepdims=True)
@@ -95,9 +112,7 @@ def check_hardened(original: onnx.ModelProto | str, hardened: onnx.ModelProto | 
         return CheckReport(names0, float("nan"), False,
                            "portable multinomial: r is fixed in the graph, so only names, dtypes and shapes "
                            "were compared")
-    hard_model = hardened if isinstance(hardened, onnx.ModelProto) else onnx.load(hardened)
-    det = _run(_session(with_deterministic_sap(hard_model), "hardened (deterministic)"), feeds,
-               "hardened (deterministic)")
+    det = _run(_deterministic_session(hardened), feeds, "hardened (deterministic)")
     worst = 0.0
     for name, e, g, out in zip(names0, expected, det, orig_sess.get_outputs()):
         ref = e.astype(np.float64)

@@ -6,6 +6,7 @@ Errors the user can fix print one line on stderr and exit 2; nothing is written 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -180,7 +181,10 @@ def verify(
 
     if runs < 1:
         fail(f"--runs must be >= 1, got {runs}")
-    reports = verify_api(load_model(model), provider=provider, runs=runs, seed=seed)
+    load_model(model)  # clear errors for bad files before anything else
+    if not os.access(model.parent if str(model.parent) else Path("."), os.W_OK):
+        fail(f"verify writes a tapped copy beside {model}; its folder is not writable (copy the model elsewhere)")
+    reports = verify_api(model, provider=provider, runs=runs, seed=seed)
     bad = [r for r in reports if not r.ok]
     if as_json:
         print(json.dumps([dict(r.__dict__, ok=r.ok) for r in reports], indent=2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -136,10 +137,12 @@ def _portable_regions(graph: onnx.GraphProto) -> dict[str, tuple[str, str, dict]
     return out
 
 
-def verify(model: onnx.ModelProto | str, *, provider: str = "cpu", runs: int = 8, seed: int = 20260101,
+def verify(model: onnx.ModelProto | str | Path, *, provider: str = "cpu", runs: int = 8, seed: int = 20260101,
            feeds: dict[str, np.ndarray] | None = None) -> list[NodeReport]:
     """Check every SAP node of a hardened model against the reference (custom) or statistics (portable)."""
-    m = onnx.load(model) if not isinstance(model, onnx.ModelProto) else model
+    path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    # From a file, tensors stay on disk (models over 2 GiB): the tapped copy is written beside it.
+    m = model if path is None else onnx.load(str(path), load_external_data=False)
     m = onnx.shape_inference.infer_shapes(copy.deepcopy(m), strict_mode=False)
     custom = [n for n in m.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
     portable = _portable_regions(m.graph)
@@ -160,7 +163,15 @@ def verify(model: onnx.ModelProto | str, *, provider: str = "cpu", runs: int = 8
     for name in dict.fromkeys(taps):
         if name not in existing:
             m.graph.output.append(_value_info(m, name))
-    sess = make_session(m, provider)
+    if path is None:
+        sess = make_session(m, provider)
+    else:
+        tapped = path.with_name(path.name + ".verify.onnx")
+        onnx.save(m, str(tapped))
+        try:
+            sess = make_session(str(tapped), provider)
+        finally:
+            tapped.unlink(missing_ok=True)
     feeds = feeds if feeds is not None else random_feeds(sess, batch=4, seed=seed)
     names = [o.name for o in sess.get_outputs()]
     captured: dict[str, list[np.ndarray]] = {t: [] for t in taps}
