@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_sap.bench import bench
-from onnx_sap.harden import HardenOptions
+from onnx_sap.rewrite import HardenOptions
 
 
 def resnet18(num_classes: int = 1000, seed: int = 0) -> onnx.ModelProto:

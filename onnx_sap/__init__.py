@@ -1,5 +1,7 @@
 """onnx-sap: Stochastic Activation Pruning for exported ONNX classifiers, without retraining."""
 
+__version__ = "0.1.0"
+
 from .errors import OnnxSapError
 from .runtime import (
     DOMAIN,
@@ -12,9 +14,23 @@ from .runtime import (
     session_options,
 )
 
-__version__ = "0.1.0"
+_LAZY = {"harden": "api", "inspect": "api", "strip": "api", "HardenOptions": "rewrite"}
+
+
+def __getattr__(name: str):
+    # The rewriter's API is imported on first use, so that running hardened models (make_session)
+    # needs neither onnx-graphsurgeon nor the attack code.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "HardenOptions",
+    "harden",
+    "inspect",
+    "strip",
     "DOMAIN",
     "OP_TYPE",
     "OnnxSapError",

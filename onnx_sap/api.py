@@ -10,9 +10,9 @@ import onnx
 
 from .check import CheckReport, check_hardened
 from .errors import OnnxSapError
-from .harden import (HardenOptions, HardenResult, Plan, existing_sap_nodes, harden_model, plan_model, strip_model,
+from .rewrite import (HardenOptions, HardenResult, Plan, existing_sap_nodes, harden_model, plan_model, strip_model,
                      with_deterministic_sap)
-from .harden import _import as import_graph
+from .rewrite import _import as import_graph
 from .modelio import check_output_path, load_model, save_model, uses_external_data
 
 ModelLike = onnx.ModelProto | str | os.PathLike

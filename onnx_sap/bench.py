@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .check import random_feeds
-from .harden import HardenOptions, harden_model
+from .rewrite import HardenOptions, harden_model
 from .runtime import make_session
 
 

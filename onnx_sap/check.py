@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxSapError
-from .harden import HardenOptions, with_deterministic_sap
+from .rewrite import HardenOptions, with_deterministic_sap
 from .runtime import make_session
 
 _NP_TYPES = {

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import OnnxSapError
-from .harden import HardenOptions, Plan
+from .rewrite import HardenOptions, Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harden ONNX classifiers with Stochastic Activation Pruning (SAP), no retraining.")

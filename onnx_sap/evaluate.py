@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxSapError
-from .harden import PREFIX, strip_model
+from .rewrite import PREFIX, strip_model
 from .runtime import DOMAIN, OP_TYPE, example_file, make_session
 
 ATTACKS = ("transfer", "spsa", "square")

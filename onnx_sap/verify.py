@@ -18,7 +18,7 @@ import onnx
 from . import reference
 from .check import random_feeds
 from .errors import OnnxSapError
-from .harden import PREFIX
+from .rewrite import PREFIX
 from .runtime import DOMAIN, OP_TYPE, make_session
 
 BAND = 1e-5

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from models import cnn, dense_with
 
-from onnx_sap.harden import KINDS
+from onnx_sap.rewrite import KINDS
 
 
 def cli(*args, cwd=None):

@@ -11,7 +11,7 @@ from models import (ACTIVATIONS, SPECIAL, activation_as_output, cnn, dense_with,
 from onnx_sap import DOMAIN, OP_TYPE, make_session
 from onnx_sap.api import harden, inspect, strip
 from onnx_sap.errors import OnnxSapError
-from onnx_sap.harden import HardenOptions
+from onnx_sap.rewrite import HardenOptions
 
 X16 = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
 IMG = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
