@@ -10,9 +10,7 @@ import onnx
 
 from .check import CheckReport, check_hardened
 from .errors import OnnxSapError
-from .rewrite import (HardenOptions, HardenResult, Plan, existing_sap_nodes, harden_model, plan_model, strip_model,
-                     with_deterministic_sap)
-from .rewrite import _import as import_graph
+from .rewrite import HardenOptions, HardenResult, Plan, harden_model, plan_model, strip_model, with_deterministic_sap
 from .modelio import check_output_path, load_model, save_model, uses_external_data
 
 ModelLike = onnx.ModelProto | str | os.PathLike
@@ -100,10 +98,7 @@ def strip(model: ModelLike, output: str | os.PathLike | None = None, *, overwrit
 def inspect(model: ModelLike, options: HardenOptions | None = None) -> Plan:
     """The activation sites harden would rewrite, and any SAP nodes already present."""
     original, _ = _load(model)
-    options = options or HardenOptions()
-    plan = plan_model(original, options)
-    plan.existing = existing_sap_nodes(import_graph(original))
-    return plan
+    return plan_model(original, options or HardenOptions())
 
 
 __all__ = ["HardenReport", "default_output", "harden", "inspect", "strip", "OnnxSapError"]

@@ -30,6 +30,7 @@ from .rewrite import PREFIX, strip_model
 from .runtime import DOMAIN, OP_TYPE, example_file, make_session
 
 ATTACKS = ("transfer", "spsa", "square")
+SQUARE_TICK = 10  # Square Attack iterations per progress-bar step
 
 
 @dataclass
@@ -256,7 +257,6 @@ def attack_square(target: Classifier, x, y, eps, cfg: EvalConfig, rng, tick: Cal
     stripes = rng.choice([-eps, eps], size=(n, c, 1, wid)).astype(np.float32)
     cur = _project(xs + stripes, xs, eps, cfg.clip_min, cfg.clip_max)
     cur_m = mean_margin(target, cur.reshape(x.shape), y, cfg.square_passes)
-    tick_every = max(1, cfg.square_iters // cfg.transfer_steps)
     for it in range(cfg.square_iters):
         p = _square_p(cfg.square_p, it, cfg.square_iters)
         s = max(1, min(hgt, wid, int(round(np.sqrt(p * hgt * wid)))))
@@ -271,7 +271,7 @@ def attack_square(target: Classifier, x, y, eps, cfg: EvalConfig, rng, tick: Cal
         m = mean_margin(target, cand.reshape(x.shape), y, cfg.square_passes)
         better = m < cur_m
         cur[better], cur_m[better] = cand[better], m[better]
-        if it % tick_every == 0:
+        if it % SQUARE_TICK == SQUARE_TICK - 1:
             tick()
     return cur.reshape(x.shape)
 
@@ -328,7 +328,7 @@ def evaluate(original: onnx.ModelProto | None, hardened: onnx.ModelProto, x: np.
             alive = np.ones(len(x), dtype=bool)
             for attack in cfg.attacks:
                 steps = {"transfer": cfg.transfer_steps, "spsa": cfg.spsa_steps,
-                         "square": cfg.square_iters // max(1, cfg.square_iters // cfg.transfer_steps)}[attack]
+                         "square": cfg.square_iters // SQUARE_TICK}[attack]
                 tick = progress(f"{name}: {attack} eps={eps:g}", steps)
                 if attack == "transfer":
                     if eps not in transfer_cache:

@@ -336,7 +336,8 @@ def _bypass_region(graph: gs.Graph, nodes: list[gs.Node]) -> None:
 # Model-level bookkeeping around the onnx-graphsurgeon round trip.
 
 
-def _import(model: onnx.ModelProto) -> gs.Graph:
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The model as an onnx-graphsurgeon graph, with inferred shapes where inference succeeds."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # shapes are a convenience here (m and r in the plan), not a requirement
@@ -409,7 +410,7 @@ def plan_model(model: onnx.ModelProto, options: HardenOptions | None = None) -> 
     """The sites harden would rewrite (nothing is changed)."""
     options = options or HardenOptions()
     options.validate()
-    plan, _ = make_plan(_import(model), options)
+    plan, _ = make_plan(import_graph(model), options)
     return plan
 
 
@@ -418,7 +419,7 @@ def harden_model(model: onnx.ModelProto, options: HardenOptions | None = None) -
     options = options or HardenOptions()
     options.validate()
     opset = default_opset(model)
-    graph = _import(model)
+    graph = import_graph(model)
     existing = existing_sap_nodes(graph)
     if existing and not options.force:
         raise OnnxSapError(f"the model already has {len(existing)} SAP node(s); pass --force to replace them "
@@ -451,7 +452,7 @@ def harden_model(model: onnx.ModelProto, options: HardenOptions | None = None) -
 
 def strip_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Remove all SAP nodes (custom, portable, ensemble); returns the model and how many regions went."""
-    graph = _import(model)
+    graph = import_graph(model)
     removed = strip_graph(graph)
     if removed == 0:
         raise OnnxSapError("the model has no SAP nodes: nothing to strip")
