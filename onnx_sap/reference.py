@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MODES = ("multinomial", "bernoulli")
+BAND = 1e-5  # SPEC.md: keep decisions must agree wherever the margin exceeds this
+MAX_ULPS = 4  # SPEC.md: kept values agree to 4 units in the last place of the output type
 _MASK64 = (1 << 64) - 1
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
@@ -160,3 +162,25 @@ def sap(
     if not return_details:
         return y_out
     return SapResult(y_out, keep.reshape(x.shape), margin.reshape(x.shape))
+
+
+def compare_with_reference(x: np.ndarray, y: np.ndarray, attrs: dict, call: int) -> tuple[int, float]:
+    """Compare an op's output y for input x (node attributes attrs, call index call) with this
+    reference per SPEC.md: returns (keep decisions that differ where the margin exceeds the band,
+    plus pass-through elements that changed; the worst kept-value error in ulps of y's type)."""
+    ref = sap(x, call=call, mode=attrs["mode"], ratio=attrs["ratio"], samples=attrs["samples"], axis=attrs["axis"],
+              seed=attrs["seed"], stream=attrs["stream"], return_details=True)
+    kept = y != 0
+    flat = np.abs(x.astype(np.float64)).reshape(int(np.prod(x.shape[:attrs["axis"]], dtype=np.int64)), -1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = flat.sum(axis=1)
+    passthrough = np.broadcast_to(((s == 0) | ~np.isfinite(s))[:, None], flat.shape).reshape(x.shape)
+    disagree = int(np.sum((ref.margin > BAND) & ~passthrough & (kept != ref.keep)))
+    # Examples whose |x| sums to 0 or a non-finite value are copied (SPEC.md): every element must match.
+    disagree += int(np.sum(~((y == x) | (np.isnan(y) & np.isnan(x)))[passthrough]))
+    both = kept & ref.keep & ~passthrough
+    if not both.any():
+        return disagree, 0.0
+    ulp = np.spacing(np.abs(ref.y[both]).astype(y.dtype)).astype(np.float64)
+    err = np.abs(y[both].astype(np.float64) - ref.y[both].astype(np.float64)) / ulp
+    return disagree, float(err.max())

@@ -16,13 +16,12 @@ import numpy as np
 import onnx
 
 from . import reference
+from .reference import MAX_ULPS, compare_with_reference
 from .check import random_feeds
 from .errors import OnnxSapError
 from .rewrite import PREFIX
 from .runtime import DOMAIN, OP_TYPE, make_session
 
-BAND = 1e-5
-MAX_ULPS = 4
 Z_LIMIT = 6.0
 
 
@@ -54,26 +53,6 @@ def _attrs(node: onnx.NodeProto) -> dict:
         v = onnx.helper.get_attribute_value(attr)
         a[attr.name] = v.decode() if isinstance(v, bytes) else v
     return a
-
-
-def compare_with_reference(x: np.ndarray, y: np.ndarray, attrs: dict, call: int) -> tuple[int, float]:
-    """(mask disagreements outside the band, worst kept-value error in ulps) of one op call."""
-    ref = reference.sap(x, call=call, mode=attrs["mode"], ratio=attrs["ratio"], samples=attrs["samples"],
-                        axis=attrs["axis"], seed=attrs["seed"], stream=attrs["stream"], return_details=True)
-    kept = y != 0
-    flat = np.abs(x.astype(np.float64)).reshape(int(np.prod(x.shape[:attrs["axis"]], dtype=np.int64)), -1)
-    with np.errstate(invalid="ignore", over="ignore"):
-        s = flat.sum(axis=1)
-    passthrough = np.broadcast_to(((s == 0) | ~np.isfinite(s))[:, None], flat.shape).reshape(x.shape)
-    disagree = int(np.sum((ref.margin > BAND) & ~passthrough & (kept != ref.keep)))
-    # Examples whose |x| sums to 0 or a non-finite value are copied (SPEC.md): every element must match.
-    disagree += int(np.sum(~((y == x) | (np.isnan(y) & np.isnan(x)))[passthrough]))
-    both = kept & ref.keep & ~passthrough
-    if not both.any():
-        return disagree, 0.0
-    ulp = np.spacing(np.abs(ref.y[both]).astype(y.dtype)).astype(np.float64)
-    err = np.abs(y[both].astype(np.float64) - ref.y[both].astype(np.float64)) / ulp
-    return disagree, float(err.max())
 
 
 def statistics(xs: list[np.ndarray], ys: list[np.ndarray], attrs: dict, r_of_m) -> tuple[int, float, float, float]:

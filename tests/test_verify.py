@@ -10,7 +10,8 @@ from models import cnn, with_if
 
 from onnx_sap import reference
 from onnx_sap.api import harden
-from onnx_sap.verify import compare_with_reference, verify
+from onnx_sap.reference import compare_with_reference
+from onnx_sap.verify import verify
 
 
 @pytest.mark.parametrize("mode", ["multinomial", "bernoulli"])
