@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 
 from . import reference
-from .reference import MAX_ULPS, compare_with_reference
 from .check import random_feeds
 from .errors import OnnxSapError
+from .reference import MAX_ULPS, compare_with_reference
 from .rewrite import PREFIX
 from .runtime import DOMAIN, OP_TYPE, make_session
 
