@@ -10,16 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import OnnxSapError
+from .errors import OnnxSapError, first_line
 from .rewrite import HardenOptions, with_deterministic_sap
-from .runtime import make_session
-
-_NP_TYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
+from .runtime import NUMPY_TYPES, make_session
 
 @dataclass
 class CheckReport:
@@ -37,7 +30,7 @@ def random_feeds(session, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray
     feeds = {}
     for inp in session.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 8) for i, d in enumerate(inp.shape)]
-        dtype = _NP_TYPES.get(inp.type)
+        dtype = NUMPY_TYPES.get(inp.type)
         if dtype is None:
             raise OnnxSapError(f"input {inp.name!r} has type {inp.type}, which the check cannot feed; pass --no-check")
         if np.dtype(dtype).kind == "f":
@@ -47,18 +40,13 @@ def random_feeds(session, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
-
-
 def _session(model: onnx.ModelProto | str, what: str):
     try:
         return make_session(model)
     except OnnxSapError:
         raise
     except Exception as e:  # ONNX Runtime's own errors are long: keep the first line
-        raise OnnxSapError(f"the {what} model does not load in ONNX Runtime ({_first_line(e)}); pass --no-check "
+        raise OnnxSapError(f"the {what} model does not load in ONNX Runtime ({first_line(e)}); pass --no-check "
                            "to skip this check") from None
 
 
@@ -66,7 +54,7 @@ def _run(sess, feeds, what: str) -> list[np.ndarray]:
     try:
         return sess.run(None, feeds)
     except Exception as e:
-        raise OnnxSapError(f"the {what} model fails to run on a random input ({_first_line(e)}); pass --no-check "
+        raise OnnxSapError(f"the {what} model fails to run on a random input ({first_line(e)}); pass --no-check "
                            "to skip this check") from None
 
 

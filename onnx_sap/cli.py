@@ -172,7 +172,7 @@ def verify(
     model: Path = typer.Argument(..., help="A hardened model."),
     provider: str = typer.Option("cpu", help="cpu or cuda (refused when the session would fall back to CPU)."),
     runs: int = typer.Option(8, help="Runs (call indices 0..RUNS-1) compared with the reference."),
-    seed: int = typer.Option(20260101, help="Seed given to SAP nodes with seed 0, in the verified copy."),
+    seed: int = typer.Option(20260101, help="Seed from which the verified copy's SAP nodes get theirs."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Check every SAP node, as it runs in ONNX Runtime, against the NumPy reference (exit 1 on any disagreement)."""

@@ -17,7 +17,6 @@ majority of runs classify it correctly. All repeated queries go through batched 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,8 +25,8 @@ import numpy as np
 import onnx
 
 from .errors import OnnxSapError
-from .rewrite import PREFIX, strip_model
-from .runtime import DOMAIN, OP_TYPE, example_file, make_session
+from .rewrite import PREFIX, strip_model, with_seed
+from .runtime import DOMAIN, NUMPY_TYPES, OP_TYPE, example_file, make_session
 
 ATTACKS = ("transfer", "spsa", "square")
 SQUARE_TICK = 10  # Square Attack iterations per progress-bar step
@@ -94,21 +93,6 @@ def has_sap(model: onnx.ModelProto) -> bool:
     return any((n.op_type == OP_TYPE and n.domain == DOMAIN) or n.name.startswith(PREFIX) for n in model.graph.node)
 
 
-def with_seed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
-    """A copy whose SAP nodes draw reproducible streams (for evaluation only)."""
-    m = copy.deepcopy(model)
-    for i, n in enumerate(m.graph.node):
-        if n.op_type == OP_TYPE and n.domain == DOMAIN:
-            attrs = [a for a in n.attribute if a.name != "seed"]
-            del n.attribute[:]
-            n.attribute.extend(attrs + [onnx.helper.make_attribute("seed", seed * 1000 + i + 1)])
-        elif n.name.startswith(PREFIX) and n.op_type in ("RandomUniformLike", "Multinomial"):
-            attrs = [a for a in n.attribute if a.name != "seed"]
-            del n.attribute[:]
-            n.attribute.extend(attrs + [onnx.helper.make_attribute("seed", float(seed * 1000 + i + 1))])
-    return m
-
-
 class Classifier:
     """Batched forward passes of an ONNX classifier (first output = logits or log-probabilities)."""
 
@@ -121,8 +105,7 @@ class Classifier:
         self.input = inp.name
         fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
         self.chunk = fixed or batch_rows
-        self.dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64,
-                      "tensor(float16)": np.float16}.get(inp.type, np.float32)
+        self.dtype = NUMPY_TYPES.get(inp.type, np.float32)
         self.fixed = fixed is not None
         self.queries = 0
 

@@ -11,7 +11,7 @@ from typing import Callable
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import OnnxSapError
+from .errors import OnnxSapError, first_line
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of that with some margin.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -113,9 +113,8 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
             try:
                 onnx.checker.check_model(str(staged), full_check=True)
             except onnx.checker.ValidationError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise OnnxSapError(f"the rewritten model fails onnx.checker ({first}); please report this "
-                                   "with the model") from None
+                raise OnnxSapError(f"the rewritten model fails onnx.checker ({first_line(e)}); please report "
+                                   "this with the model") from None
         if before_commit is not None:
             before_commit(staged)
         if external and (stage / data_name).exists():  # the data first: the model file appears last, complete

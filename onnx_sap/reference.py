@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MODES = ("multinomial", "bernoulli")
+# The node's attributes when absent (SPEC.md, "Attributes").
+ATTRIBUTE_DEFAULTS = {"mode": "multinomial", "ratio": 1.0, "samples": 0, "axis": 1, "seed": 0, "stream": 0}
 BAND = 1e-5  # SPEC.md: keep decisions must agree wherever the margin exceeds this
 MAX_ULPS = 4  # SPEC.md: kept values agree to 4 units in the last place of the output type
 _MASK64 = (1 << 64) - 1

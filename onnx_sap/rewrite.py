@@ -459,29 +459,47 @@ def strip_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return _export(graph, model, None), removed
 
 
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of graph and of its subgraphs."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(a.g)
+            for g in a.graphs:
+                yield from _nodes(g)
+
+
+def _set_attributes(node: onnx.NodeProto, **values) -> None:
+    """Give node these attribute values, keeping its other attributes."""
+    kept = [a for a in node.attribute if a.name not in values]
+    del node.attribute[:]
+    node.attribute.extend(kept + [onnx.helper.make_attribute(k, v) for k, v in values.items()])
+
+
 def with_deterministic_sap(model: onnx.ModelProto, seed: int = 1) -> onnx.ModelProto:
     """A copy of a hardened model whose SAP nodes keep everything at scale ~1 (bernoulli with a
     huge r, so q = 1 wherever p > 1e-17): it should compute what the original model does."""
     out = copy.deepcopy(model)
-    graphs = [out.graph]
-    while graphs:
-        g = graphs.pop()
-        for node in g.node:
-            if node.op_type == OP_TYPE and node.domain == DOMAIN:
-                del node.attribute[:]
-                node.attribute.extend([onnx.helper.make_attribute("mode", "bernoulli"),
-                                       onnx.helper.make_attribute("samples", 2**62),
-                                       onnx.helper.make_attribute("seed", seed)])
-            elif node.name.startswith(PREFIX + "portable/") and node.name.endswith("#r"):
-                value = onnx.numpy_helper.from_array(np.array(2.0**62), name="value")
-                del node.attribute[:]
-                node.attribute.append(onnx.helper.make_attribute("value", value))
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(a.g)
-                graphs.extend(a.graphs)
+    for node in _nodes(out.graph):
+        if node.op_type == OP_TYPE and node.domain == DOMAIN:
+            _set_attributes(node, mode="bernoulli", samples=2**62, seed=seed)
+        elif node.name.startswith(PREFIX + "portable/") and node.name.endswith("#r"):
+            _set_attributes(node, value=onnx.numpy_helper.from_array(np.array(2.0**62), name="value"))
+    return out
+
+
+def with_seed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
+    """A copy whose SAP nodes draw reproducible streams, derived from seed (evaluation and
+    verification only: a fixed seed is predictable)."""
+    out = copy.deepcopy(model)
+    for i, node in enumerate(_nodes(out.graph)):
+        if node.op_type == OP_TYPE and node.domain == DOMAIN:
+            _set_attributes(node, seed=seed * 1000 + i + 1)
+        elif node.name.startswith(PREFIX) and node.op_type in ("RandomUniformLike", "Multinomial"):
+            _set_attributes(node, seed=float(seed * 1000 + i + 1))
     return out
 
 
 __all__ = ["HardenOptions", "HardenResult", "KINDS", "Plan", "Site", "harden_model", "plan_model", "strip_model",
-           "with_deterministic_sap"]
+           "with_deterministic_sap", "with_seed"]

@@ -21,6 +21,13 @@ LIBRARY_NAME = "libonnx_sap_ops.so"
 
 _PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
+# ONNX Runtime's input type strings -> NumPy dtypes (for feeding sessions).
+NUMPY_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
 
 def installed_file(relative: str) -> Path | None:
     """A file installed inside the onnx_sap package by the build (op library, example data).

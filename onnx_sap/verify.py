@@ -1,6 +1,6 @@
 """`verify`: the SAP nodes of a hardened model, as they run in ONNX Runtime, against the reference.
 
-Each custom SAP node's input and output are exposed as extra graph outputs of a copy whose nodes have
+Each custom SAP node's input and output are exposed as extra graph outputs of a copy whose nodes get
 fixed seeds; over several runs (call indices 0, 1, ...) the op's keep mask must equal the reference's
 outside SPEC.md's margin band, kept values must agree to 4 ulps, and the statistics must hold.
 Portable-form regions cannot reproduce the Philox stream and are checked by statistics alone.
@@ -19,7 +19,7 @@ from . import reference
 from .check import random_feeds
 from .errors import OnnxSapError
 from .reference import MAX_ULPS, compare_with_reference
-from .rewrite import PREFIX
+from .rewrite import PREFIX, with_seed
 from .runtime import DOMAIN, OP_TYPE, make_session
 
 Z_LIMIT = 6.0
@@ -48,7 +48,7 @@ class NodeReport:
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
-    a = {"mode": "multinomial", "ratio": 1.0, "samples": 0, "axis": 1, "seed": 0, "stream": 0}
+    a = dict(reference.ATTRIBUTE_DEFAULTS)
     for attr in node.attribute:
         v = onnx.helper.get_attribute_value(attr)
         a[attr.name] = v.decode() if isinstance(v, bytes) else v
@@ -123,6 +123,7 @@ def verify(model: onnx.ModelProto | str | Path, *, provider: str = "cpu", runs: 
     # From a file, tensors stay on disk (models over 2 GiB): the tapped copy is written beside it.
     m = model if path is None else onnx.load(str(path), load_external_data=False)
     m = onnx.shape_inference.infer_shapes(copy.deepcopy(m), strict_mode=False)
+    m = with_seed(m, seed)  # reproducible copy: seed 0 would draw OS entropy on every run
     custom = [n for n in m.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
     portable = _portable_regions(m.graph)
     if not custom and not portable:
@@ -130,12 +131,7 @@ def verify(model: onnx.ModelProto | str | Path, *, provider: str = "cpu", runs: 
     runs_needed = runs if not portable else max(runs, 200)
     existing = {o.name for o in m.graph.output}
     taps: list[str] = []
-    for i, n in enumerate(custom):
-        for a in n.attribute:
-            if a.name == "seed" and a.i == 0:
-                a.i = seed + i  # reproducible copy: seed 0 would draw OS entropy
-        if not any(a.name == "seed" for a in n.attribute):
-            n.attribute.append(onnx.helper.make_attribute("seed", seed + i))
+    for n in custom:
         taps += [n.input[0], n.output[0]]
     for inp, outp, _ in portable.values():
         taps += [inp, outp]

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnx_sap.reference import compare_with_reference
+from onnx_sap.reference import ATTRIBUTE_DEFAULTS, compare_with_reference
 
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.float64): TensorProto.DOUBLE}
@@ -27,7 +27,7 @@ def sap_model(dtype=np.float32, rank: int | None = None, name: str = "sap_node",
 def assert_matches_reference(y: np.ndarray, x: np.ndarray, *, call: int, **attrs) -> None:
     """Check an op output against the reference per SPEC.md (the comparison verify uses): masks equal
     outside the 1e-5 margin band, kept values within 4 ulps of the output type, pass-through exact."""
-    full = {"mode": "multinomial", "ratio": 1.0, "samples": 0, "axis": 1, "seed": 0, "stream": 0, **attrs}
+    full = {**ATTRIBUTE_DEFAULTS, **attrs}
     assert y.shape == x.shape and y.dtype == x.dtype
     disagreements, ulps = compare_with_reference(x, y, full, call)
     assert disagreements == 0, f"{disagreements} mask disagreements outside the band (of {y.size})"
