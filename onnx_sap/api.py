@@ -11,15 +11,17 @@ import onnx
 from .check import CheckReport, check_hardened
 from .errors import OnnxSapError
 from .rewrite import HardenOptions, HardenResult, Plan, harden_model, plan_model, strip_model, with_deterministic_sap
-from .modelio import check_output_path, load_model, save_model, uses_external_data
+from .modelio import check_output_path, read_model, save_model
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
 
-def _load(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
+def _load(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, bool]:
+    """(model, its path or None, whether its file kept tensors as external data)."""
     if isinstance(model, onnx.ModelProto):
-        return model, None
-    return load_model(model), Path(model)
+        return model, None, False
+    loaded, external = read_model(model)
+    return loaded, Path(model), external
 
 
 def default_output(input_path: Path, suffix: str) -> Path:
@@ -55,7 +57,7 @@ def harden(
     """
     options = options or HardenOptions(**option_values)
     options.validate()
-    original, in_path = _load(model)
+    original, in_path, external = _load(model)
     out_path = Path(output) if output is not None else (default_output(in_path, "sap") if in_path else None)
     if out_path is not None and not dry_run:
         check_output_path(out_path, in_path, overwrite)
@@ -67,7 +69,7 @@ def harden(
 
     def run_check(staged: Path | None) -> None:
         if check:
-            orig = str(in_path) if in_path and not uses_external_data(original) else original
+            orig = str(in_path) if in_path else original  # from the file: external data stays on disk
             if result.plan.existing:  # re-hardening: compare against the old SAP made deterministic
                 orig = with_deterministic_sap(original)
             report.check = check_hardened(orig, str(staged) if staged else result.model, options,
@@ -76,7 +78,6 @@ def harden(
     if out_path is None:
         run_check(None)
         return report
-    external = uses_external_data(onnx.load(str(in_path), load_external_data=False)) if in_path else False
     report.output = save_model(result.model, out_path, external_data=external, before_commit=run_check)
     return report
 
@@ -84,20 +85,19 @@ def harden(
 def strip(model: ModelLike, output: str | os.PathLike | None = None, *, overwrite: bool = False
           ) -> tuple[onnx.ModelProto, int, Path | None]:
     """Remove every SAP node; returns (model, regions removed, path written or None)."""
-    original, in_path = _load(model)
+    original, in_path, external = _load(model)
     out_path = Path(output) if output is not None else (default_output(in_path, "stripped") if in_path else None)
     if out_path is not None:
         check_output_path(out_path, in_path, overwrite)
     stripped, removed = strip_model(original)
     if out_path is not None:
-        external = uses_external_data(onnx.load(str(in_path), load_external_data=False)) if in_path else False
         save_model(stripped, out_path, external_data=external)
     return stripped, removed, out_path
 
 
 def inspect(model: ModelLike, options: HardenOptions | None = None) -> Plan:
     """The activation sites harden would rewrite, and any SAP nodes already present."""
-    original, _ = _load(model)
+    original, _, _ = _load(model)
     return plan_model(original, options or HardenOptions())
 
 

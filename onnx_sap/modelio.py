@@ -20,6 +20,12 @@ MIN_OPSET = 7
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model with its external data, or raise OnnxSapError saying what is wrong."""
+    return read_model(path)[0]
+
+
+def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """load_model, also saying whether the file kept tensors outside the .onnx (once loaded, the
+    tensors no longer show it), so that a rewritten copy can be stored the same way."""
     p = Path(path)
     if not p.exists():
         raise OnnxSapError(f"{p}: no such file; give the path of an .onnx model")
@@ -32,12 +38,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
                            "is complete") from None
     if not model.graph.node and not model.graph.output:
         raise OnnxSapError(f"{p}: not an ONNX model (no graph); re-export it or check the file is complete")
+    external = uses_external_data(model)
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
     except (OSError, ValueError) as e:
         raise OnnxSapError(f"{p}: its external data could not be read ({e}); keep the data files beside the model")
     check_opset(model, str(p))
-    return model
+    return model, external
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:

@@ -292,29 +292,23 @@ def match_hardswish(anchor: gs.Node) -> Match | None:
     if first is None:
         return None
     if first.op == "Mul" and other_input(first, c) is x:  # (x * clip) / 6
-        last = first.outputs[0].outputs[0] if len(first.outputs[0].outputs) == 1 else None
-        nodes = [anchor, clip, first]
-    elif first.op in ("Div", "Mul"):  # x * (clip / 6)
-        last, nodes = first, [anchor, clip]
-    else:
+        t = first.outputs[0]
+        last = t.outputs[0] if len(t.outputs) == 1 else None
+        if last is not None and _divides_by_six(last, t):
+            return Match("hardswish", "pattern", [anchor, clip, first, last], last.outputs[0], "x*clip(x+3,0,6)/6")
         return None
-    if last is None:
-        return None
-
-    def divides_by_six(n: gs.Node, t: gs.Tensor) -> bool:
-        o = other_input(n, t)
-        return o is not None and ((n.op == "Div" and n.inputs[1] is o and is_scalar(o, 6.0))
-                                  or (n.op == "Mul" and is_scalar(o, 1 / 6)))
-
-    if first.op == "Mul" and other_input(first, c) is x:
-        if divides_by_six(last, first.outputs[0]):
-            return Match("hardswish", "pattern", nodes + [last], last.outputs[0], "x*clip(x+3,0,6)/6")
-        return None
-    if divides_by_six(first, c):
+    if _divides_by_six(first, c):  # x * (clip / 6)
         mul = sole_consumer(first.outputs[0], "Mul")
         if mul is not None and other_input(mul, first.outputs[0]) is x:
-            return Match("hardswish", "pattern", nodes + [first, mul], mul.outputs[0], "x*(clip(x+3,0,6)/6)")
+            return Match("hardswish", "pattern", [anchor, clip, first, mul], mul.outputs[0], "x*(clip(x+3,0,6)/6)")
     return None
+
+
+def _divides_by_six(n: gs.Node, t: gs.Tensor) -> bool:
+    """Whether node n computes t / 6 or t * (1/6)."""
+    o = other_input(n, t)
+    return o is not None and ((n.op == "Div" and n.inputs[1] is o and is_scalar(o, 6.0))
+                              or (n.op == "Mul" and is_scalar(o, 1 / 6)))
 
 
 PATTERN_MATCHERS: list[Callable[[gs.Node], Match | None]] = [
