@@ -10,7 +10,8 @@ import onnx
 
 from .check import CheckReport, check_hardened
 from .errors import OnnxSapError
-from .rewrite import HardenOptions, HardenResult, Plan, harden_model, plan_model, strip_model, with_deterministic_sap
+from .rewrite import HardenOptions, HardenResult, Plan, harden_model, plan_model, strip_model
+from .sap_nodes import with_deterministic_sap
 from .modelio import check_output_path, read_model, save_model
 
 ModelLike = onnx.ModelProto | str | os.PathLike

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 
 from .errors import OnnxSapError, first_line
-from .rewrite import HardenOptions, with_deterministic_sap
+from .rewrite import HardenOptions
+from .sap_nodes import with_deterministic_sap
 from .runtime import NUMPY_TYPES, make_session
 
 @dataclass

@@ -25,8 +25,9 @@ import numpy as np
 import onnx
 
 from .errors import OnnxSapError
-from .rewrite import PREFIX, strip_model, with_seed
-from .runtime import DOMAIN, NUMPY_TYPES, OP_TYPE, example_file, make_session
+from .rewrite import strip_model
+from .runtime import NUMPY_TYPES, example_file, make_session
+from .sap_nodes import has_sap, with_seed
 
 ATTACKS = ("transfer", "spsa", "square")
 SQUARE_TICK = 10  # Square Attack iterations per progress-bar step
@@ -87,10 +88,6 @@ def load_data(spec: str | Path, limit: int | None = None) -> tuple[np.ndarray, n
     if limit:
         x, y = x[:limit], y[:limit]
     return x.astype(np.float32), y.astype(np.int64)
-
-
-def has_sap(model: onnx.ModelProto) -> bool:
-    return any((n.op_type == OP_TYPE and n.domain == DOMAIN) or n.name.startswith(PREFIX) for n in model.graph.node)
 
 
 class Classifier:

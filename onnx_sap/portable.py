@@ -2,8 +2,8 @@
 
 The arithmetic is done in float64 (1 - p rounds away small p in float32). Such a graph cannot
 reproduce the Philox stream; it is checked statistically. Every node is named
-``<prefix>#<role>`` so that `strip` and `inspect` find the region, and the node holding r is
-``<prefix>#r`` so that the post-rewrite check can make it huge.
+``<prefix>#<role>`` (sap_nodes.py owns the scheme) so that `strip` and `inspect` find the region,
+and the node holding r is ``<prefix>#r`` so that the post-rewrite check can make it huge.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .reference import sample_count
+from .sap_nodes import node_name
 
 DOUBLE = onnx.TensorProto.DOUBLE
 
@@ -32,7 +33,7 @@ def emit_portable_sap(x: gs.Variable, y: gs.Variable, stream: int, options, opse
 
     def op(op_type: str, role: str, inputs: list, attrs: dict | None = None, out: gs.Variable | None = None):
         o = out if out is not None else var(role)
-        nodes.append(gs.Node(op_type, name=f"{prefix}#{role}", inputs=inputs, outputs=[o], attrs=attrs or {}))
+        nodes.append(gs.Node(op_type, name=node_name(prefix, role), inputs=inputs, outputs=[o], attrs=attrs or {}))
         return o
 
     axis = int(options.axis)

@@ -7,12 +7,11 @@ drops (model fields, node doc strings, IR < 4 initializer inputs) -> ModelProto.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -25,8 +24,9 @@ from .patterns import KINDS, Match, find_activations, producer
 from .portable import emit_portable_sap
 from .reference import MODES, sample_count
 from .runtime import DOMAIN, OP_TYPE
+from .sap_nodes import (CUSTOM, ENSEMBLE_IN, ENSEMBLE_OUT, PORTABLE, find_sap_nodes, iter_graphs, iter_nodes,
+                        node_name, region_name, region_of)
 
-PREFIX = "onnx_sap::"
 ENSEMBLE_REDUCES = ("probs", "logits")
 
 
@@ -110,19 +110,6 @@ class Plan:
         }
 
 
-# ---------------------------------------------------------------------------------------------
-# Walking graphs and their subgraphs.
-
-
-def iter_graphs(graph: gs.Graph, path: str = "main") -> Iterator[tuple[str, gs.Graph]]:
-    """The graph and every If/Loop/Scan body under it, each with a readable path."""
-    yield path, graph
-    for node in graph.nodes:
-        for name, value in node.attrs.items():
-            if isinstance(value, gs.Graph):
-                yield from iter_graphs(value, f"{path}/{node.name or node.op}.{name}")
-
-
 def _shape_of(t: gs.Variable) -> list[int | str] | None:
     if t.shape is None:
         return None
@@ -148,19 +135,8 @@ def _selected(kind: str, names: list[str], include: Sequence[str], exclude: Sequ
 
 
 def existing_sap_nodes(graph: gs.Graph) -> list[dict]:
-    """SAP nodes already in the graph (custom op or portable form), with their attributes."""
-    found = []
-    for path, g in iter_graphs(graph):
-        for node in g.nodes:
-            if node.op == OP_TYPE and node.domain == DOMAIN:
-                found.append({"graph": path, "node": node.name, "form": "custom",
-                              "attributes": {k: (v.decode() if isinstance(v, bytes) else v)
-                                             for k, v in node.attrs.items()}})
-            elif node.name.startswith(PREFIX + "portable/") and node.name.endswith("#out"):
-                found.append({"graph": path, "node": node.name, "form": "portable", "attributes": {}})
-            elif node.name.startswith(PREFIX + "ensemble-out/") and node.name.endswith("#out"):
-                found.append({"graph": path, "node": node.name, "form": "ensemble", "attributes": {}})
-    return found
+    """SAP nodes already in the graph (custom op, portable form, ensemble), with their attributes."""
+    return [found.to_dict() for found in find_sap_nodes(graph)]
 
 
 def make_plan(graph: gs.Graph, options: HardenOptions) -> tuple[Plan, list[tuple[gs.Graph, Match, Site]]]:
@@ -218,9 +194,9 @@ def _insert_sap(graph: gs.Graph, match: Match, stream: int, options: HardenOptio
     out = match.output
     pre, at = _detach_output(graph, out, names, "__pre_sap")
     if options.portable:
-        nodes = emit_portable_sap(pre, out, stream, options, opset, f"{PREFIX}portable/{stream}", names.fresh)
+        nodes = emit_portable_sap(pre, out, stream, options, opset, region_name(PORTABLE, stream), names.fresh)
     else:
-        nodes = [gs.Node(OP_TYPE, name=f"{PREFIX}sap/{stream}", domain=DOMAIN, inputs=[pre], outputs=[out],
+        nodes = [gs.Node(OP_TYPE, name=region_name(CUSTOM, stream), domain=DOMAIN, inputs=[pre], outputs=[out],
                          attrs={"mode": options.mode, "ratio": float(options.ratio), "samples": int(options.samples),
                                 "axis": int(options.axis), "seed": int(options.seed), "stream": int(stream)})]
     graph.nodes[at + 1:at + 1] = nodes
@@ -235,7 +211,7 @@ def _add_ensemble(graph: gs.Graph, k: int, reduce: str, opset: int, names: _Name
         tiled = gs.Variable(names.fresh(x.name + "__ensemble"), dtype=x.dtype)
         for consumer in list(x.outputs):
             consumer.inputs[consumer.inputs.index(x)] = tiled
-        graph.nodes.insert(0, gs.Node("Concat", name=f"{PREFIX}ensemble-in/{i}#out", inputs=[x] * k,
+        graph.nodes.insert(0, gs.Node("Concat", name=node_name(region_name(ENSEMBLE_IN, i), "out"), inputs=[x] * k,
                                       outputs=[tiled], attrs={"axis": 0}))
     for i, y in enumerate(list(graph.outputs)):
         if y.dtype is not None and np.dtype(y.dtype).kind != "f":
@@ -245,7 +221,7 @@ def _add_ensemble(graph: gs.Graph, k: int, reduce: str, opset: int, names: _Name
             raise OnnxSapError(f"--ensemble: output {y.name!r} is not computed by the graph")
         already_probs = src.op == "Softmax"
         members, _ = _detach_output(graph, y, names, "__members")
-        p = f"{PREFIX}ensemble-out/{i}"
+        p = region_name(ENSEMBLE_OUT, i)
 
         def v(tag: str) -> gs.Variable:
             return gs.Variable(names.fresh(f"{y.name}__ens_{tag}"))
@@ -280,10 +256,6 @@ def _add_ensemble(graph: gs.Graph, k: int, reduce: str, opset: int, names: _Name
         graph.nodes.extend(nodes)
 
 
-def _region_key(name: str) -> str:
-    return name.split("#", 1)[0]
-
-
 def strip_graph(graph: gs.Graph) -> int:
     """Remove every SAP region (custom node, portable subgraph, ensemble) from graph and its
     subgraphs, reconnecting the tensors around each. Returns the number of regions removed."""
@@ -291,8 +263,9 @@ def strip_graph(graph: gs.Graph) -> int:
     for _, g in list(iter_graphs(graph)):
         regions: dict[str, list[gs.Node]] = {}
         for node in g.nodes:
-            if (node.op == OP_TYPE and node.domain == DOMAIN) or node.name.startswith(PREFIX):
-                regions.setdefault(_region_key(node.name) or f"#{id(node)}", []).append(node)
+            key = region_of(node)
+            if key is not None:
+                regions.setdefault(key, []).append(node)
         for nodes in regions.values():
             _bypass_region(g, nodes)
             removed += 1
@@ -345,27 +318,14 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(inferred)
 
 
-def _node_doc_strings(graph: onnx.GraphProto, out: dict[str, str]) -> dict[str, str]:
-    for n in graph.node:
-        if n.doc_string and n.name:
-            out[n.name] = n.doc_string
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _node_doc_strings(a.g, out)
-            for g in a.graphs:
-                _node_doc_strings(g, out)
-    return out
+def _node_doc_strings(graph: onnx.GraphProto) -> dict[str, str]:
+    return {n.name: n.doc_string for _, n in iter_nodes(graph) if n.doc_string and n.name}
 
 
 def _restore_doc_strings(graph: onnx.GraphProto, docs: dict[str, str]) -> None:
-    for n in graph.node:
+    for _, n in iter_nodes(graph):
         if n.name in docs:
             n.doc_string = docs[n.name]
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _restore_doc_strings(a.g, docs)
-            for g in a.graphs:
-                _restore_doc_strings(g, docs)
 
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, provenance: dict | None) -> onnx.ModelProto:
@@ -374,7 +334,7 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, provenance: dict | None)
         setattr(model, f, getattr(original, f))
     del model.opset_import[:]
     model.opset_import.extend(imp for imp in original.opset_import if imp.domain != DOMAIN)
-    has_sap = any(n.domain == DOMAIN for _, g in iter_graphs(graph) for n in g.nodes)
+    has_sap = any(n.domain == DOMAIN for _, n in iter_nodes(graph))
     if has_sap:
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     del model.metadata_props[:]
@@ -384,7 +344,7 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, provenance: dict | None)
     if provenance is not None:
         for key, value in provenance.items():
             model.metadata_props.add(key=f"onnx_sap.{key}", value=value)
-    _restore_doc_strings(model.graph, _node_doc_strings(original.graph, {}))
+    _restore_doc_strings(model.graph, _node_doc_strings(original.graph))
     model.graph.doc_string = original.graph.doc_string
     if original.ir_version < 4:
         # IR < 4 lists every initializer as a graph input, which the export drops; the checker
@@ -459,47 +419,4 @@ def strip_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return _export(graph, model, None), removed
 
 
-def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node of graph and of its subgraphs."""
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(a.g)
-            for g in a.graphs:
-                yield from _nodes(g)
-
-
-def _set_attributes(node: onnx.NodeProto, **values) -> None:
-    """Give node these attribute values, keeping its other attributes."""
-    kept = [a for a in node.attribute if a.name not in values]
-    del node.attribute[:]
-    node.attribute.extend(kept + [onnx.helper.make_attribute(k, v) for k, v in values.items()])
-
-
-def with_deterministic_sap(model: onnx.ModelProto, seed: int = 1) -> onnx.ModelProto:
-    """A copy of a hardened model whose SAP nodes keep everything at scale ~1 (bernoulli with a
-    huge r, so q = 1 wherever p > 1e-17): it should compute what the original model does."""
-    out = copy.deepcopy(model)
-    for node in _nodes(out.graph):
-        if node.op_type == OP_TYPE and node.domain == DOMAIN:
-            _set_attributes(node, mode="bernoulli", samples=2**62, seed=seed)
-        elif node.name.startswith(PREFIX + "portable/") and node.name.endswith("#r"):
-            _set_attributes(node, value=onnx.numpy_helper.from_array(np.array(2.0**62), name="value"))
-    return out
-
-
-def with_seed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
-    """A copy whose SAP nodes draw reproducible streams, derived from seed (evaluation and
-    verification only: a fixed seed is predictable)."""
-    out = copy.deepcopy(model)
-    for i, node in enumerate(_nodes(out.graph)):
-        if node.op_type == OP_TYPE and node.domain == DOMAIN:
-            _set_attributes(node, seed=seed * 1000 + i + 1)
-        elif node.name.startswith(PREFIX) and node.op_type in ("RandomUniformLike", "Multinomial"):
-            _set_attributes(node, seed=float(seed * 1000 + i + 1))
-    return out
-
-
-__all__ = ["HardenOptions", "HardenResult", "KINDS", "Plan", "Site", "harden_model", "plan_model", "strip_model",
-           "with_deterministic_sap", "with_seed"]
+__all__ = ["HardenOptions", "HardenResult", "KINDS", "Plan", "Site", "harden_model", "plan_model", "strip_model"]

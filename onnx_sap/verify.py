@@ -19,8 +19,8 @@ from . import reference
 from .check import random_feeds
 from .errors import OnnxSapError
 from .reference import MAX_ULPS, compare_with_reference
-from .rewrite import PREFIX, with_seed
-from .runtime import DOMAIN, OP_TYPE, make_session
+from .runtime import make_session
+from .sap_nodes import PORTABLE, is_custom, node_attributes, parse_name, with_seed
 
 Z_LIMIT = 6.0
 
@@ -48,11 +48,7 @@ class NodeReport:
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
-    a = dict(reference.ATTRIBUTE_DEFAULTS)
-    for attr in node.attribute:
-        v = onnx.helper.get_attribute_value(attr)
-        a[attr.name] = v.decode() if isinstance(v, bytes) else v
-    return a
+    return {**reference.ATTRIBUTE_DEFAULTS, **node_attributes(node)}
 
 
 def statistics(xs: list[np.ndarray], ys: list[np.ndarray], attrs: dict, r_of_m) -> tuple[int, float, float, float]:
@@ -94,9 +90,10 @@ def _portable_regions(graph: onnx.GraphProto) -> dict[str, tuple[str, str, dict]
     """Portable SAP regions of the main graph: prefix -> (input tensor, output tensor, facts)."""
     regions: dict[str, dict] = {}
     for n in graph.node:
-        if n.name.startswith(PREFIX + "portable/"):
-            key, role = n.name.split("#", 1)
-            reg = regions.setdefault(key, {})
+        parsed = parse_name(n.name)
+        if parsed is not None and parsed.region == PORTABLE:
+            role = parsed.role
+            reg = regions.setdefault(parsed.key, {})
             if role == "x64":
                 reg["input"] = n.input[0]
             elif role == "out":
@@ -124,7 +121,7 @@ def verify(model: onnx.ModelProto | str | Path, *, provider: str = "cpu", runs: 
     m = model if path is None else onnx.load(str(path), load_external_data=False)
     m = onnx.shape_inference.infer_shapes(copy.deepcopy(m), strict_mode=False)
     m = with_seed(m, seed)  # reproducible copy: seed 0 would draw OS entropy on every run
-    custom = [n for n in m.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
+    custom = [n for n in m.graph.node if is_custom(n)]
     portable = _portable_regions(m.graph)
     if not custom and not portable:
         raise OnnxSapError("no SAP nodes in the main graph: nothing to verify; harden the model first")
@@ -195,9 +192,12 @@ def _portable_ratio(graph: onnx.GraphProto, key: str):
     fixed = None
     ratio = None
     for n in graph.node:
-        if n.name == f"{key}#r" and n.op_type == "Constant":
+        parsed = parse_name(n.name)
+        if parsed is None or parsed.key != key:
+            continue
+        if parsed.role == "r" and n.op_type == "Constant":
             fixed = float(onnx.numpy_helper.to_array(n.attribute[0].t))
-        if n.name == f"{key}#r_mul":
+        if parsed.role == "r_mul":
             ratio = float(consts.get(n.input[1], np.array(1.0)))
     if ratio is not None:
         return lambda m: max(1, int(np.floor(ratio * m))) * (fixed or 1.0)
