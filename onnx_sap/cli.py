@@ -240,7 +240,8 @@ def evaluate(
     """Clean accuracy, calibration and robust accuracy of ORIGINAL vs HARDENED under forward-only attacks."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .evaluate import EvalConfig, evaluate as evaluate_api, load_data, plot
+    from .evaluate import EvaluateOptions, evaluate as evaluate_api, plot
+    from .metrics import load_data
     from .modelio import load_model
 
     if len(models) not in (1, 2):
@@ -254,7 +255,7 @@ def evaluate(
             fail("--plot needs matplotlib: pip install matplotlib (or onnx-sap[plot])")
     original = load_model(models[0]) if len(models) == 2 else None
     hardened = load_model(models[-1])
-    cfg = EvalConfig(eps=_floats(eps, "--eps"), attacks=[a.strip() for a in attacks.split(",") if a.strip()],
+    cfg = EvaluateOptions(eps=_floats(eps, "--eps"), attacks=[a.strip() for a in attacks.split(",") if a.strip()],
                      passes=passes, transfer_steps=transfer_steps, spsa_steps=spsa_steps, spsa_pairs=spsa_pairs,
                      spsa_passes=spsa_passes, spsa_delta=spsa_delta, square_iters=square_iters,
                      square_passes=square_passes, limit=limit, seed=seed, provider=provider)

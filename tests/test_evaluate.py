@@ -10,8 +10,8 @@ import pytest
 
 from onnx_sap.api import harden
 from onnx_sap.bench import bench
-from onnx_sap.evaluate import (Classifier, EvalConfig, attack_spsa, attack_square, attack_transfer,
-                               expected_calibration_error, evaluate, load_data, score)
+from onnx_sap.evaluate import EvaluateOptions, evaluate, run_attack
+from onnx_sap.metrics import Classifier, expected_calibration_error, load_data, score
 from onnx_sap.runtime import example_file
 
 SMALL = dict(eps=[0.1, 0.3], passes=4, transfer_steps=6, spsa_steps=6, spsa_pairs=8, spsa_passes=2,
@@ -33,12 +33,12 @@ def test_example_model_is_accurate(example):
     assert single.mean() > 0.95
 
 
-@pytest.mark.parametrize("attack", [attack_transfer, attack_spsa, attack_square])
+@pytest.mark.parametrize("attack", ["transfer", "spsa", "square"])
 def test_each_attack_lowers_a_plain_models_accuracy_within_eps(example, attack):
     original, _, x, y = example
     clf = Classifier(original, "cpu", 4096)
-    cfg = EvalConfig(**SMALL, clip_min=0.0, clip_max=1.0)
-    x_adv = attack(clf, x, y, 0.3, cfg, np.random.default_rng(0), lambda: None)
+    opts = EvaluateOptions(**SMALL, clip_min=0.0, clip_max=1.0)
+    x_adv = run_attack(attack, clf, x, y, 0.3, opts, np.random.default_rng(0), lambda: None)
     assert np.max(np.abs(x_adv - x)) <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     before, after = score(clf, x, y, 1)[0].mean(), score(clf, x_adv, y, 1)[0].mean()
     assert after < before - 0.2, (before, after)
@@ -46,8 +46,8 @@ def test_each_attack_lowers_a_plain_models_accuracy_within_eps(example, attack):
 
 def test_worst_case_is_never_above_any_attack_and_is_reproducible(example):
     original, hardened, x, y = example
-    a = evaluate(original, hardened, x, y, EvalConfig(**SMALL))
-    b = evaluate(original, hardened, x, y, EvalConfig(**SMALL))
+    a = evaluate(original, hardened, x, y, EvaluateOptions(**SMALL))
+    b = evaluate(original, hardened, x, y, EvaluateOptions(**SMALL))
     assert a["models"] == b["models"]  # --seed: the same numbers twice
     for name in ("original", "hardened"):
         acc = a["models"][name]["accuracy"]

@@ -1,0 +1,106 @@
+"""Evaluation data, batched forward passes and the metrics evaluate reports.
+
+Everything here is deterministic given its inputs: the randomness of an evaluation lives in the
+attacks (their NumPy generators) and in the SAP nodes of the model being scored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import OnnxSapError
+from .runtime import NUMPY_TYPES, example_file, make_session
+from .sap_nodes import has_sap, with_seed
+
+
+def load_data(spec: str | Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) from an .npz with arrays x and y, or the bundled test split for 'digits'."""
+    path = example_file("digits_test.npz") if str(spec) == "digits" else Path(spec)
+    if not path.is_file():
+        raise OnnxSapError(f"--data {spec}: no such file; give an .npz with arrays x and y, or 'digits'")
+    try:
+        with np.load(path) as d:
+            x, y = d["x"], d["y"]
+    except (KeyError, ValueError, OSError) as e:
+        raise OnnxSapError(f"--data {spec}: expected an .npz with arrays 'x' and 'y' ({e})") from None
+    if len(x) != len(y) or len(x) == 0:
+        raise OnnxSapError(f"--data {spec}: x has {len(x)} rows and y {len(y)}; they must match and be non-empty")
+    if limit:
+        x, y = x[:limit], y[:limit]
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+class Classifier:
+    """Batched forward passes of an ONNX classifier (first output = logits or log-probabilities)."""
+
+    def __init__(self, model: onnx.ModelProto, provider: str, batch_rows: int, seed: int | None = None):
+        self.stochastic = has_sap(model)
+        if self.stochastic and seed:
+            model = with_seed(model, seed)
+        self.session = make_session(model, provider)
+        inp = self.session.get_inputs()[0]
+        self.input = inp.name
+        fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+        self.chunk = fixed or batch_rows
+        self.dtype = NUMPY_TYPES.get(inp.type, np.float32)
+        self.fixed = fixed is not None
+        self.queries = 0
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The first output for every row of x, in float64, run in chunks of at most batch_rows."""
+        outs = []
+        x = np.asarray(x, dtype=self.dtype)
+        for i in range(0, len(x), self.chunk):
+            part = x[i:i + self.chunk]
+            n = len(part)
+            if self.fixed and n < self.chunk:  # a static batch: pad the last chunk
+                part = np.concatenate([part, np.repeat(part[-1:], self.chunk - n, axis=0)])
+            outs.append(self.session.run(None, {self.input: part})[0][:n])
+        self.queries += len(x)
+        return np.concatenate(outs).astype(np.float64)
+
+
+def margin(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """z_y - max_{j != y} z_j: negative means misclassified (the attacks minimise it)."""
+    true = logits[np.arange(len(y)), y]
+    other = logits.copy()
+    other[np.arange(len(y)), y] = -np.inf
+    return true - other.max(axis=1)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, shifted by the maximum for stability."""
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins: sum over bins of |accuracy - confidence| * share."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += abs(correct[inside].mean() - conf[inside].mean()) * inside.mean()
+    return float(ece)
+
+
+def score(clf: Classifier, x: np.ndarray, y: np.ndarray, passes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(correct in a single pass, survives = correct in the majority of passes, mean probabilities)."""
+    k = passes if clf.stochastic else 1
+    z = clf.logits(np.repeat(x, k, axis=0)).reshape(len(x), k, -1)
+    correct = z.argmax(axis=2) == y[:, None]
+    return correct[:, 0], correct.mean(axis=1) > 0.5, softmax(z).mean(axis=1)
+
+
+def mean_margin(clf: Classifier, x: np.ndarray, y: np.ndarray, passes: int) -> np.ndarray:
+    """Margin averaged over passes (EOT) for each row of x."""
+    k = passes if clf.stochastic else 1
+    z = clf.logits(np.repeat(x, k, axis=0))
+    return margin(z, np.repeat(y, k)).reshape(len(x), k).mean(axis=1)
