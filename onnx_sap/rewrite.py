@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from . import __version__
 from .errors import OnnxSapError
 from .modelio import default_opset
-from .patterns import KINDS, Match, find_activations, producer
+from .patterns import KINDS, Match, find_activations, raw_producer
 from .portable import emit_portable_sap
 from .reference import MODES, sample_count
 from .runtime import DOMAIN, OP_TYPE
@@ -151,6 +151,8 @@ def make_plan(graph: gs.Graph, options: HardenOptions) -> tuple[Plan, list[tuple
             site = Site(path, match.kind, match.form, match.detail, names, match.output.name, shape, m,
                         sample_count(m, options.ratio, options.samples) if m else None)
             site.selected, site.reason = _selected(match.kind, names, options.include, options.exclude)
+            if match.excluded:
+                site.selected, site.reason = False, match.excluded
             if site.selected and shape is not None and len(shape) <= options.axis:
                 site.selected, site.reason = False, f"rank {len(shape)} <= --axis {options.axis}"
             plan.sites.append(site)
@@ -183,7 +185,7 @@ class _Names:
 def _detach_output(graph: gs.Graph, out: gs.Variable, names: _Names, suffix: str) -> tuple[gs.Variable, int]:
     """Make out's producer write a new tensor instead; returns (new tensor, producer's index in nodes).
     out keeps its name (and its place among graph outputs and consumers' inputs)."""
-    node = producer(out)
+    node = raw_producer(out)
     pre = gs.Variable(names.fresh(out.name + suffix), dtype=out.dtype, shape=out.shape)
     node.outputs[node.outputs.index(out)] = pre
     return pre, next(i for i, n in enumerate(graph.nodes) if n is node)
@@ -216,7 +218,7 @@ def _add_ensemble(graph: gs.Graph, k: int, reduce: str, opset: int, names: _Name
     for i, y in enumerate(list(graph.outputs)):
         if y.dtype is not None and np.dtype(y.dtype).kind != "f":
             raise OnnxSapError(f"--ensemble needs float outputs; output {y.name!r} is {np.dtype(y.dtype)}")
-        src = producer(y)
+        src = raw_producer(y)
         if src is None:
             raise OnnxSapError(f"--ensemble: output {y.name!r} is not computed by the graph")
         already_probs = src.op == "Softmax"
@@ -291,7 +293,7 @@ def _bypass_region(graph: gs.Graph, nodes: list[gs.Node]) -> None:
         raise OnnxSapError(f"cannot strip SAP region {nodes[0].name!r}: it has {len(sources)} inputs and "
                            f"{len(sinks)} outputs (expected 1 and 1); was the model edited after hardening?")
     src, dst = sources[0], sinks[0]
-    src_producer = producer(src)
+    src_producer = raw_producer(src)
     outside_consumers = [c for c in dst.outputs if id(c) not in ids]
     for n in nodes:  # detach the region so that no tensor still names its nodes
         n.inputs.clear()
@@ -392,8 +394,9 @@ def harden_model(model: onnx.ModelProto, options: HardenOptions | None = None) -
         raise OnnxSapError("no activations found (Relu, Clip, Gelu, SiLU, ...): nothing to harden; "
                            "`onnx-sap inspect` lists what is recognised")
     if not chosen:
-        raise OnnxSapError(f"all {len(plan.sites)} activation sites are excluded by --include/--exclude/--axis; "
-                           "widen the selection")
+        reasons = "; ".join(sorted({s.reason for s in plan.sites}))
+        raise OnnxSapError(f"all {len(plan.sites)} activation sites are excluded ({reasons}); "
+                           "widen --include/--exclude/--axis, or see `onnx-sap inspect`")
     if options.portable and opset < 13:
         raise OnnxSapError(f"--portable needs opset >= 13 (the model has {opset}); convert the model with "
                            "onnx.version_converter or use the custom op")

@@ -139,6 +139,71 @@ def hardswish(form):
     return build
 
 
+def min_max(outer_min: bool, lo=0.0, hi=6.0):
+    """ReLU6 as Min(Max(x, 0), 6) (outer_min) or Max(Min(x, 6), 0)."""
+    def build(x):
+        inits = [const("lo", lo), const("hi", hi)]
+        if outer_min:
+            return [helper.make_node("Max", [x, "lo"], ["inner"], name="mm_max"),
+                    helper.make_node("Min", ["inner", "hi"], ["act"], name="mm_min")], "act", inits
+        return [helper.make_node("Min", ["hi", x], ["inner"], name="mm_min"),
+                helper.make_node("Max", ["inner", "lo"], ["act"], name="mm_max")], "act", inits
+    return build
+
+
+def leaky_max(swap=False):
+    """LeakyRelu as Max(x, 0.1*x)."""
+    def build(x):
+        ins = ["ax", x] if swap else [x, "ax"]
+        return [helper.make_node("Mul", ["alpha", x], ["ax"], name="lk_mul"),
+                helper.make_node("Max", ins, ["act"], name="lk_max")], "act", [const("alpha", 0.1)]
+    return build
+
+
+def softplus_log_exp(x, out="act"):
+    return [helper.make_node("Exp", [x], [f"{out}_e"], name=f"{out}_exp"),
+            helper.make_node("Add", [f"{out}_e", "one"], [f"{out}_e1"], name=f"{out}_add"),
+            helper.make_node("Log", [f"{out}_e1"], [out], name=f"{out}_log")], out, [const("one", 1.0)]
+
+
+def mish_log_exp(x):
+    sp, _, inits = softplus_log_exp(x, "sp")
+    return sp + [helper.make_node("Tanh", ["sp"], ["tsp"], name="m_tanh"),
+                 helper.make_node("Mul", [x, "tsp"], ["act"], name="m_mul")], "act", inits
+
+
+def passthrough(op):
+    """Identity, or a float-to-float Cast, placed between the nodes of a pattern."""
+    def attrs(to):
+        return {"to": to} if op == "Cast" else {}
+
+    def silu_broken(x):  # Sigmoid -> pass-through -> Mul
+        return [helper.make_node("Sigmoid", [x], ["sig"], name="sig"),
+                helper.make_node(op, ["sig"], ["sig_p"], name="gate_pass", **attrs(TensorProto.FLOAT)),
+                helper.make_node("Mul", [x, "sig_p"], ["act"], name="silu_mul")], "act", []
+
+    def mish_broken(x):  # Tanh -> float64 -> float32 -> Mul
+        if op == "Identity":
+            tail = [helper.make_node("Identity", ["tsp"], ["tsp_p"], name="tanh_pass")]
+        else:
+            tail = [helper.make_node("Cast", ["tsp"], ["tsp64"], name="tanh_to64", to=TensorProto.DOUBLE),
+                    helper.make_node("Cast", ["tsp64"], ["tsp_p"], name="tanh_to32", to=TensorProto.FLOAT)]
+        return [helper.make_node("Softplus", [x], ["sp"], name="m_sp"),
+                helper.make_node("Tanh", ["sp"], ["tsp"], name="m_tanh")] + tail + [
+                helper.make_node("Mul", ["tsp_p", x], ["act"], name="m_mul")], "act", []
+
+    def gelu_broken(x):  # torch's GELU with the pass-through between Div and Erf
+        nodes, out, inits = gelu_erf("torch")(x)
+        div = next(n for n in nodes if n.op_type == "Div")
+        erf = next(n for n in nodes if n.op_type == "Erf")
+        erf.input[0] = "div_p"
+        at = list(nodes).index(div) + 1
+        return nodes[:at] + [helper.make_node(op, [div.output[0]], ["div_p"], name="div_pass",
+                                              **attrs(TensorProto.FLOAT))] + nodes[at:], out, inits
+
+    return {"silu": silu_broken, "mish": mish_broken, "gelu": gelu_broken}
+
+
 def ms_op(op):
     def build(x):
         return [helper.make_node(op, [x], ["act"], name=f"ms_{op.lower()}", domain="com.microsoft")], "act", []
@@ -174,6 +239,21 @@ ACTIVATIONS = {
     "hardswish_hardsigmoid": ("hardswish", hardswish("hardsigmoid")),
     "hardswish_mul_div": ("hardswish", hardswish("mul_div")),
     "hardswish_sixth": ("hardswish", hardswish("sixth")),
+    "relu6_min_max": ("relu6", min_max(outer_min=True)),
+    "relu6_max_min": ("relu6", min_max(outer_min=False)),
+    "clip_min_max": ("clip", min_max(outer_min=True, hi=3.0)),
+    "leakyrelu_max": ("leakyrelu", leaky_max()),
+    "leakyrelu_max_swapped": ("leakyrelu", leaky_max(swap=True)),
+    "softplus_log_exp": ("softplus", softplus_log_exp),
+    "mish_log_exp": ("mish", mish_log_exp),
+    **{f"{kind}_{op.lower()}_inside": (kind, build) for op in ("Identity", "Cast")
+       for kind, build in passthrough(op).items()},
+}
+
+# Clamps that pass negative values: listed by inspect, never hardened (the reason says why).
+NOT_ACTIVATIONS = {
+    "clip_symmetric": clip(-1.0, 1.0),
+    "min_max_symmetric": min_max(outer_min=True, lo=-1.0, hi=1.0),
 }
 
 # Activations needing a newer opset or a contrib domain: (kind, builder, opset, extra opsets)

@@ -5,8 +5,8 @@ import hashlib
 import numpy as np
 import onnx
 import pytest
-from models import (ACTIVATIONS, SPECIAL, activation_as_output, cnn, dense_with, legacy_ir3, residual, with_if,
-                    with_loop)
+from models import (ACTIVATIONS, NOT_ACTIVATIONS, SPECIAL, activation_as_output, cnn, dense_with, legacy_ir3,
+                    residual, with_if, with_loop)
 
 from onnx_sap import DOMAIN, OP_TYPE, make_session
 from onnx_sap.api import harden, inspect, strip
@@ -45,9 +45,19 @@ def test_each_activation_form_is_found_hardened_and_stripped(name):
     m = dense_with(build)
     report = harden(m, mode="bernoulli", seed=3)  # check=True: runs both models, deterministic equivalence
     assert [s.kind for s in report.plan.sites] == [kind]
+    assert report.plan.sites[0].tensor == "act"  # SAP on the form's output, never inside it
     assert report.check.equivalence_checked and report.check.max_abs_diff < 1e-4
     assert len(sap_nodes(report.model)) == 1
     assert_strip_restores(m, report.model, {"x": X16})
+
+
+@pytest.mark.parametrize("name", sorted(NOT_ACTIVATIONS))
+def test_clamps_passing_negative_values_are_listed_with_the_reason_and_never_hardened(name):
+    m = dense_with(NOT_ACTIVATIONS[name])
+    [site] = inspect(m).sites
+    assert site.kind == "clip" and not site.selected and "lower bound -1 < 0" in site.reason
+    with pytest.raises(OnnxSapError, match="all 1 activation sites are excluded .*lower bound -1 < 0"):
+        harden(m)
 
 
 @pytest.mark.parametrize("name", sorted(SPECIAL))
