@@ -14,6 +14,7 @@ import numpy as np
 MODES = ("multinomial", "bernoulli")
 # The node's attributes when absent (SPEC.md, "Attributes").
 ATTRIBUTE_DEFAULTS = {"mode": "multinomial", "ratio": 1.0, "samples": 0, "axis": 1, "seed": 0, "stream": 0}
+MAX_SAMPLES = 2**31 - 1  # SPEC.md: the largest r, and the largest valid ``samples``
 BAND = 1e-5  # SPEC.md: keep decisions must agree wherever the margin exceeds this
 MAX_ULPS = 4  # SPEC.md: kept values agree to 4 units in the last place of the output type
 _MASK64 = (1 << 64) - 1
@@ -61,10 +62,13 @@ def uniforms(key64: int, example: int, call: int, count: int) -> np.ndarray:
 
 
 def sample_count(m: int, ratio: float = 1.0, samples: int = 0) -> int:
-    """r: ``samples`` when > 0, else max(1, floor(ratio * m)) with ratio as the float32 attribute holds it."""
+    """r: ``samples`` when > 0, else max(1, floor(ratio * m)) with ratio as the float32 attribute holds
+    it; clamped to [1, MAX_SAMPLES] in float64 before becoming an integer (SPEC.md, "Sample count")."""
     if samples > 0:
-        return int(samples)
-    return max(1, int(np.floor(np.float64(np.float32(ratio)) * m)))
+        return min(int(samples), MAX_SAMPLES)
+    with np.errstate(over="ignore"):
+        r = np.floor(np.float64(np.float32(ratio)) * np.float64(m))
+    return int(np.clip(r, 1.0, float(MAX_SAMPLES)))
 
 
 def keep_probability(p: np.ndarray, r: int) -> np.ndarray:
@@ -134,6 +138,12 @@ def sap(
     x = np.asarray(x)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0 <= samples <= MAX_SAMPLES:
+        raise ValueError(f"samples must be in [0, {MAX_SAMPLES}], got {samples}")
+    with np.errstate(over="ignore"):
+        ratio32 = np.float32(ratio)
+    if not (np.isfinite(ratio32) and ratio32 > 0):
+        raise ValueError(f"ratio must be finite and > 0 as a float32, got {ratio}")
     if x.ndim < 1 or not 0 <= axis < x.ndim:
         raise ValueError(f"axis must satisfy 0 <= axis < rank ({x.ndim}), got {axis}")
     if key is None:
@@ -147,6 +157,7 @@ def sap(
     keep = np.zeros(flat.shape, dtype=bool)
     margin = np.full(flat.shape, np.inf)
     r = sample_count(m, ratio, samples)
+    top = float(np.finfo(x.dtype).max) if np.issubdtype(x.dtype, np.floating) else np.inf
     for n in range(n_examples):
         a = np.abs(flat[n])
         # SPEC.md allows any summation order; long double makes S correctly rounded in practice,
@@ -158,8 +169,9 @@ def sap(
             q, keep[n], margin[n] = _bernoulli(a, s, r, uniforms(key, n, call, m))
         else:
             q, keep[n], margin[n] = _multinomial(a, s, r, uniforms(key, n, call, r + 1))
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             y[n] = np.where(keep[n], flat[n] / q, 0.0)
+        y[n] = np.clip(y[n], -top, top)  # SPEC.md, "Saturation": kept values stay finite in T
     y_out = y.astype(x.dtype).reshape(x.shape)
     if not return_details:
         return y_out
@@ -183,6 +195,8 @@ def compare_with_reference(x: np.ndarray, y: np.ndarray, attrs: dict, call: int)
     both = kept & ref.keep & ~passthrough
     if not both.any():
         return disagree, 0.0
-    ulp = np.spacing(np.abs(ref.y[both]).astype(y.dtype)).astype(np.float64)
+    # The ulp below the value: at the largest finite value np.spacing would be Inf (saturation).
+    top = np.finfo(y.dtype).max
+    ulp = np.spacing(np.minimum(np.abs(ref.y[both]).astype(y.dtype), np.nextafter(top, 0))).astype(np.float64)
     err = np.abs(y[both].astype(np.float64) - ref.y[both].astype(np.float64)) / ulp
     return disagree, float(err.max())

@@ -22,11 +22,13 @@ from .errors import OnnxSapError
 from .modelio import default_opset
 from .patterns import KINDS, Match, find_activations, raw_producer
 from .portable import emit_portable_sap
-from .reference import MODES, sample_count
+from .reference import MAX_SAMPLES, MODES, sample_count
 from .runtime import DOMAIN, OP_TYPE
 from .sap_nodes import (CUSTOM, ENSEMBLE_IN, ENSEMBLE_OUT, PORTABLE, find_sap_nodes, iter_graphs, iter_nodes,
                         node_name, region_name, region_of)
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 ENSEMBLE_REDUCES = ("probs", "logits")
 
 
@@ -48,10 +50,11 @@ class HardenOptions:
 
     def validate(self) -> None:
         """Raise OnnxSapError naming the first bad option."""
-        if not (math.isfinite(self.ratio) and self.ratio > 0):
-            raise OnnxSapError(f"--ratio must be finite and > 0, got {self.ratio}")
-        if self.samples < 0:
-            raise OnnxSapError(f"--samples must be >= 0 (0: use --ratio), got {self.samples}")
+        # The node holds ratio as a float32: it must stay finite and non-zero there.
+        if not (math.isfinite(self.ratio) and _FLOAT32_TINY <= self.ratio <= _FLOAT32_MAX):
+            raise OnnxSapError(f"--ratio must be > 0 and at most {_FLOAT32_MAX:.4g} (a finite float32), got {self.ratio}")
+        if not 0 <= self.samples <= MAX_SAMPLES:
+            raise OnnxSapError(f"--samples must be in [0, {MAX_SAMPLES}] (0: use --ratio), got {self.samples}")
         if self.mode not in MODES:
             raise OnnxSapError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.axis < 0:

@@ -17,13 +17,17 @@ from typing import Any, Iterator
 import numpy as np
 import onnx
 
+from .reference import MAX_SAMPLES
 from .runtime import DOMAIN, OP_TYPE
 
 PREFIX = "onnx_sap::"
 CUSTOM, PORTABLE, ENSEMBLE_IN, ENSEMBLE_OUT = "sap", "portable", "ensemble-in", "ensemble-out"
 REGIONS = (CUSTOM, PORTABLE, ENSEMBLE_IN, ENSEMBLE_OUT)
-# The attribute values that make a custom node keep everything at scale ~1 (q = 1 wherever p > 1e-17).
-DETERMINISTIC_SAMPLES = 2**62
+# The r that makes a node keep everything at scale ~1: the custom op's largest samples (q = 1
+# wherever p > 2e-8; smaller elements move by at most S / r), and a far larger float for the
+# portable form, which has no such bound (q = 1 wherever p > 1e-17).
+DETERMINISTIC_SAMPLES = MAX_SAMPLES
+DETERMINISTIC_PORTABLE_R = 2.0**62
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,14 +191,14 @@ def set_attributes(node: onnx.NodeProto, **values) -> None:
 
 def with_deterministic_sap(model: onnx.ModelProto, seed: int = 1) -> onnx.ModelProto:
     """A copy of a hardened model whose SAP nodes keep everything at scale ~1 (bernoulli with a
-    huge r, so q = 1 wherever p > 1e-17): it should compute what the original model does."""
+    huge r: DETERMINISTIC_SAMPLES): it should compute what the original model does."""
     out = copy.deepcopy(model)
     for _, node in iter_nodes(out.graph):
         parsed = parse_name(node.name)
         if is_custom(node):
             set_attributes(node, mode="bernoulli", samples=DETERMINISTIC_SAMPLES, seed=seed)
         elif parsed is not None and parsed.region == PORTABLE and parsed.role == "r":
-            value = onnx.numpy_helper.from_array(np.array(float(DETERMINISTIC_SAMPLES)), name="value")
+            value = onnx.numpy_helper.from_array(np.array(DETERMINISTIC_PORTABLE_R), name="value")
             set_attributes(node, value=value)
     return out
 

@@ -85,6 +85,9 @@ def test_user_errors_exit_2_and_write_nothing(tmp_path, model_path):
     assert_one_line_error(cli("harden", model_path, "--mode", "gaussian"), "--mode")
     assert_one_line_error(cli("harden", model_path, "--ratio", "-1"), "--ratio")
     assert_one_line_error(cli("harden", model_path, "--ratio", "abc"), "--ratio")
+    assert_one_line_error(cli("harden", model_path, "--ratio", "1e39"), "--ratio")  # beyond float32
+    assert_one_line_error(cli("harden", model_path, "--samples", 2**63), "--samples")
+    assert_one_line_error(cli("harden", model_path, "--samples", 2**31), "--samples")
     assert_one_line_error(cli("harden", model_path, "-o", tmp_path / "nope" / "x.onnx"), "does not exist")
     assert_one_line_error(cli("harden", model_path, "-o", model_path), "--overwrite")
     old = onnx.helper.make_model(cnn().graph, opset_imports=[onnx.helper.make_opsetid("", 5)])

@@ -123,6 +123,8 @@ BAD = [
     ({"ratio": float("inf")}, "attribute 'ratio' is inf"),
     ({"ratio": float("nan")}, "attribute 'ratio' is nan"),
     ({"samples": -2}, "attribute 'samples' is -2"),
+    ({"samples": 2**31}, "attribute 'samples' is 2147483648"),
+    ({"samples": 2**62}, "attribute 'samples' is 4611686018427387904"),  # used to wrap the scratch size
     ({"axis": -1}, "attribute 'axis' is -1"),
 ]
 
@@ -138,3 +140,58 @@ def test_axis_past_rank_fails_at_first_run():
     sess = make_session(sap_model(axis=3))
     with pytest.raises(Exception, match="node 'sap_node': attribute 'axis' is 3; .*rank 2"):
         sess.run(None, {"x": np.ones((2, 3), np.float32)})
+
+
+def test_the_largest_samples_runs():
+    # Bernoulli: the multinomial stream of 2^31 variates per example is too slow for a test.
+    attrs = dict(mode="bernoulli", samples=reference.MAX_SAMPLES, seed=4)
+    x = _input((4096, 1), np.float32)
+    y = make_session(sap_model(**attrs)).run(None, {"x": x})[0]
+    assert_matches_reference(y, x, call=0, **attrs)
+
+
+def test_unallocatable_scratch_is_a_clear_error():
+    # 65536 examples x r = 2^31 - 1 variates need about a TiB of multinomial scratch.
+    sess = make_session(sap_model(samples=reference.MAX_SAMPLES, seed=4))
+    with pytest.raises(Exception, match="node 'sap_node': 65536 examples .* GiB of scratch"):
+        sess.run(None, {"x": np.ones((65536, 1), np.float32)})
+
+
+@pytest.mark.parametrize("ratio", [1e30, float(np.finfo(np.float32).max)])
+def test_huge_ratio_clamps_r_instead_of_zeroing(ratio):
+    # r = 2^31 - 1: every element carrying more than ~1e-8 of the mass is kept, at scale ~1. (Both
+    # modes share the sample count; bernoulli keeps the test fast.)
+    attrs = dict(mode="bernoulli", ratio=ratio, seed=6)
+    x = _input((3, 200), np.float32)
+    y = make_session(sap_model(**attrs)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y != 0, x != 0)
+    np.testing.assert_allclose(y, x, rtol=1e-6)
+    assert_matches_reference(y, x, call=0, **attrs)
+
+
+@pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
+def test_survivors_saturate_in_float16(mode):
+    # A survivor reaches about x + S / r = 80000 here: beyond float16's 65504.
+    attrs = dict(mode=mode, samples=1, seed=12)
+    x = np.random.default_rng(3).uniform(0, 40, (2, 4096)).astype(np.float16)
+    sess = make_session(sap_model(np.float16, **attrs))
+    saturated = 0
+    for call in range(20):
+        y = sess.run(None, {"x": x})[0]
+        assert np.all(np.isfinite(y))
+        saturated += int(np.sum(np.abs(y) == np.finfo(np.float16).max))
+        assert_matches_reference(y, x, call=call, **attrs)
+    assert saturated > 0
+
+
+@pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
+def test_survivors_saturate_in_float32_with_their_sign(mode):
+    attrs = dict(mode=mode, samples=1, seed=13)
+    x = np.full((8, 16), 3e38, np.float32)
+    x[:, ::2] *= -1
+    y = make_session(sap_model(**attrs)).run(None, {"x": x})[0]
+    top = np.finfo(np.float32).max
+    kept = y != 0
+    assert kept.any()
+    np.testing.assert_array_equal(y[kept], np.sign(x[kept]) * top)
+    assert_matches_reference(y, x, call=0, **attrs)

@@ -64,6 +64,29 @@ def test_ratio_sets_r_from_float32_attribute():
     assert reference.sample_count(10, ratio=5.0, samples=4) == 4
 
 
+def test_r_is_clamped_before_becoming_an_integer():
+    assert reference.sample_count(10, ratio=1e30) == reference.MAX_SAMPLES
+    assert reference.sample_count(2**47, ratio=float(np.finfo(np.float32).max)) == reference.MAX_SAMPLES
+    assert reference.sample_count(10, samples=2**40) == reference.MAX_SAMPLES
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])  # a float64 S cannot exceed float64's range
+def test_kept_values_saturate_at_the_largest_finite_value(dtype):
+    top = np.finfo(dtype).max
+    x = np.full((1, 64), top / 4, dtype)
+    x[0, 1::2] *= -1
+    y = reference.sap(x, samples=1, seed=3)  # the one survivor is S = 16 top
+    assert np.all(np.isfinite(y)) and np.sum(y != 0) == 1
+    assert np.abs(y[y != 0]) == top and np.sign(y[y != 0]) == np.sign(x[y != 0])
+
+
+@pytest.mark.parametrize("attrs, message", [({"samples": 2**31}, "samples"), ({"ratio": 1e39}, "ratio"),
+                                            ({"ratio": 0.0}, "ratio")])
+def test_reference_refuses_what_the_op_refuses(attrs, message):
+    with pytest.raises(ValueError, match=message):
+        reference.sap(X, seed=1, **attrs)
+
+
 def test_margins_are_reported_and_zero_elements_never_kept():
     res = reference.sap(X, mode="multinomial", seed=9, return_details=True)
     assert res.margin.shape == X.shape and np.all(res.margin >= 0)

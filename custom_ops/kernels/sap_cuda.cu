@@ -90,8 +90,12 @@ __attribute__((visibility("default"))) int onnx_sap_cuda_run(const void* x_host,
   const size_t elem = dtype == 10 ? 2 : dtype == 11 ? 8 : 4;
   if (dtype != 1 && dtype != 10 && dtype != 11) return fail("unsupported dtype", cudaErrorInvalidValue);
   const uint64_t r = sample_count(ratio, samples, m);
-  const Layout layout = make_layout(examples, m, r, mode == 1 ? Mode::kBernoulli : Mode::kMultinomial, kCudaChunk,
-                                    kCudaVarChunk);
+  Layout layout;
+  if (examples < 0 || m < 0 || (m > 0 && examples > INT64_MAX / m) || static_cast<uint64_t>(examples * m) > SIZE_MAX / elem ||
+      !make_layout(examples, m, r, mode == 1 ? Mode::kBernoulli : Mode::kMultinomial, kCudaChunk, kCudaVarChunk,
+                   layout)) {
+    return fail("sizes out of range", cudaErrorInvalidValue);
+  }
   const size_t bytes = static_cast<size_t>(examples * m) * elem;
   const StreamKey key{static_cast<uint32_t>(key64), static_cast<uint32_t>(key64 >> 32), call};
   void *dx = nullptr, *dy = nullptr;

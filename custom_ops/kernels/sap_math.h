@@ -119,6 +119,21 @@ struct Half {
 SAP_HD double load(const float* p, int64_t i) { return static_cast<double>(p[i]); }
 SAP_HD double load(const double* p, int64_t i) { return p[i]; }
 SAP_HD double load(const Half* p, int64_t i) { return static_cast<double>(half_bits_to_float(p[i].bits)); }
+// Largest finite value of each element type: kept values saturate there (SPEC.md, "Saturation").
+SAP_HD double max_finite(const float*) { return 3.4028234663852886e38; }
+SAP_HD double max_finite(const double*) { return 1.7976931348623157e308; }
+SAP_HD double max_finite(const Half*) { return 65504.0; }
+
+// v clamped to [-max, max] of T, so that a survivor x / q never becomes Inf (nor, for float32, an
+// out-of-range double-to-float conversion). Written as selects so that the loops still vectorize.
+template <typename T>
+SAP_HD double saturate(double v) {
+  const double hi = max_finite(static_cast<const T*>(nullptr));
+  const double lo = -hi;
+  v = v < hi ? v : hi;
+  return v > lo ? v : lo;
+}
+
 SAP_HD void store(float* p, int64_t i, double v) { p[i] = static_cast<float>(v); }
 SAP_HD void store(double* p, int64_t i, double v) { p[i] = v; }
 SAP_HD void store(Half* p, int64_t i, double v) { p[i].bits = double_to_half_bits(v); }
@@ -341,7 +356,7 @@ SAP_HD void bernoulli_range(const T* x, T* y, int64_t begin, int64_t end, double
     keep_probabilities<T>(a, len, sum, r, q);
     for (int i = 0; i < len; ++i) {
       // q = 0 exactly where a = 0, and u > 0: such elements are never kept.
-      const double scaled = xs[i] / (q[i] > 0.0 ? q[i] : 1.0);
+      const double scaled = saturate<T>(xs[i] / (q[i] > 0.0 ? q[i] : 1.0));
       store(y, b + i, u[i] < q[i] ? scaled : 0.0);
     }
   }
@@ -475,22 +490,29 @@ SAP_HD void multinomial_range(const T* x, T* y, int64_t begin, int64_t end, doub
     }
     keep_probabilities<T>(a, len, sum, r, q);
     for (int j = 0; j < len; ++j) {
-      const double scaled = xs[j] / (q[j] > 0.0 ? q[j] : 1.0);
+      const double scaled = saturate<T>(xs[j] / (q[j] > 0.0 ? q[j] : 1.0));
       store(y, b + j, hit[j] ? scaled : 0.0);
     }
   }
   // Samples past the last boundary (rounding only) land on the last element with a_j > 0.
   if (cur.k < k_end && last_nonzero >= 0) {
     const double xj = load(x, last_nonzero);
-    store(y, last_nonzero, xj / keep_probability_of<T>(fabs(xj), sum, r));
+    store(y, last_nonzero, saturate<T>(xj / keep_probability_of<T>(fabs(xj), sum, r)));
   }
 }
 
-// r = samples when samples > 0, else max(1, floor(ratio * m)).
+// Largest r (SPEC.md, "Sample count"): it bounds every size that depends on r.
+constexpr int64_t kMaxSamples = 2147483647;  // 2^31 - 1
+
+// r = samples when samples > 0, else max(1, floor(ratio * m)); either way clamped to
+// [1, kMaxSamples], in float64 before the conversion so that no ratio (huge, Inf or NaN) converts
+// out of range.
 SAP_HD uint64_t sample_count(double ratio, int64_t samples, int64_t m) {
-  if (samples > 0) return static_cast<uint64_t>(samples);
-  const double r = floor(ratio * static_cast<double>(m));
-  return r < 1.0 ? 1u : static_cast<uint64_t>(r);
+  if (samples > 0) return static_cast<uint64_t>(samples < kMaxSamples ? samples : kMaxSamples);
+  double r = floor(ratio * static_cast<double>(m));
+  r = r >= 1.0 ? r : 1.0;  // NaN lands here too
+  r = r <= static_cast<double>(kMaxSamples) ? r : static_cast<double>(kMaxSamples);
+  return static_cast<uint64_t>(r);
 }
 
 }  // namespace onnx_sap
@@ -512,20 +534,31 @@ struct Layout {
   int64_t var_chunk;      // variates per chunk, a multiple of kBlock
   int64_t elem_chunks;    // ceil(m / chunk)
   int64_t var_chunks;     // ceil((r + 1) / var_chunk) in multinomial mode, else 0
+  int64_t scratch_size;   // see scratch_doubles(); computed once, overflow-checked, by make_layout
 
   SAP_HD int64_t c_stride() const { return elem_chunks + 1; }
   SAP_HD int64_t g_stride() const { return var_chunks + 1; }
-  // Scratch, in doubles: c_before[N][elem_chunks + 1] then g_before[N][var_chunks + 1].
-  SAP_HD int64_t scratch_doubles() const { return examples * (c_stride() + g_stride()); }
+  // Scratch, in doubles: c_before[N][elem_chunks + 1] then g_before[N][var_chunks + 1]. Every
+  // index and task count below is at most this, so it alone needs the overflow check.
+  SAP_HD int64_t scratch_doubles() const { return scratch_size; }
   SAP_HD int64_t partial_tasks() const { return examples * (elem_chunks + var_chunks); }
   SAP_HD int64_t apply_tasks() const { return examples * elem_chunks; }
 };
 
-inline Layout make_layout(int64_t examples, int64_t m, uint64_t r, Mode mode, int64_t chunk, int64_t var_chunk) {
-  Layout l{examples, m, r, mode, chunk, var_chunk, 0, 0};
-  l.elem_chunks = (m + chunk - 1) / chunk;
-  if (mode == Mode::kMultinomial) l.var_chunks = static_cast<int64_t>((r + 1 + var_chunk - 1) / var_chunk);
-  return l;
+// Fills `l` for N examples of m elements and r samples. Returns false when a size would not fit in
+// int64 (or its byte count in size_t): the caller reports that r or the input is too large. r above
+// kMaxSamples is refused here too, whatever the caller checked before.
+inline bool make_layout(int64_t examples, int64_t m, uint64_t r, Mode mode, int64_t chunk, int64_t var_chunk,
+                        Layout& l) {
+  constexpr int64_t kMax = INT64_MAX;
+  l = Layout{examples, m, r, mode, chunk, var_chunk, 0, 0, 0};
+  if (examples < 0 || m < 0 || chunk <= 0 || var_chunk <= 0 || r > static_cast<uint64_t>(kMaxSamples)) return false;
+  l.elem_chunks = m / chunk + (m % chunk != 0 ? 1 : 0);
+  if (mode == Mode::kMultinomial) l.var_chunks = static_cast<int64_t>(r) / var_chunk + 1;  // ceil((r + 1) / var_chunk)
+  const int64_t per_example = (l.elem_chunks + 1) + (l.var_chunks + 1);  // no overflow: both terms < 2^62
+  if (examples != 0 && per_example > kMax / examples) return false;
+  l.scratch_size = examples * per_example;
+  return static_cast<uint64_t>(l.scratch_size) <= SIZE_MAX / sizeof(double);
 }
 
 // Phase 1, task t: one partial sum, stored at index chunk + 1 of its table so that phase 2 can

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "sap_kernels.h"
 
 #define SAP_EXPORT extern "C" __attribute__((visibility("default")))
@@ -108,7 +110,8 @@ Attributes read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
     fail_attribute(a.node, "ratio", std::to_string(a.ratio), "it must be finite and > 0");
 
   try_attribute(api, info, "samples", &a.samples);
-  if (a.samples < 0) fail_attribute(a.node, "samples", std::to_string(a.samples), "it must be >= 0 (0: use ratio)");
+  if (a.samples < 0 || a.samples > kMaxSamples)
+    fail_attribute(a.node, "samples", std::to_string(a.samples), "it must be in [0, 2^31 - 1] (0: use ratio)");
 
   try_attribute(api, info, "axis", &a.axis);
   if (a.axis < 0) fail_attribute(a.node, "axis", std::to_string(a.axis), "it must satisfy 0 <= axis < rank");
@@ -173,12 +176,15 @@ class SapKernel {
       fail_attribute(attrs_.node, "axis", std::to_string(attrs_.axis),
                      ("it must satisfy 0 <= axis < rank, and X has rank " + std::to_string(rank)).c_str());
     }
-    int64_t examples = 1, m = 1;
-    for (int64_t d = 0; d < rank; ++d) (d < attrs_.axis ? examples : m) *= shape[static_cast<size_t>(d)];
     Ort::UnownedValue output = ctx.GetOutput(0, shape);
     // The call index is taken even for empty tensors so that call c always means the c-th run.
     const uint64_t call = calls_.fetch_add(1, std::memory_order_relaxed);
-    if (examples == 0 || m == 0) return;
+    // An empty tensor's other dims may be anything: multiply only once none is 0 (the product is
+    // then the element count of a tensor that exists).
+    for (int64_t d : shape)
+      if (d == 0) return;
+    int64_t examples = 1, m = 1;
+    for (int64_t d = 0; d < rank; ++d) (d < attrs_.axis ? examples : m) *= shape[static_cast<size_t>(d)];
 
     const uint64_t k64 = attrs_.seed == 0 ? entropy_key() : derive_key(attrs_.seed, attrs_.stream);
     const StreamKey key{static_cast<uint32_t>(k64), static_cast<uint32_t>(k64 >> 32), static_cast<uint32_t>(call)};
@@ -188,12 +194,13 @@ class SapKernel {
     void* y = output.GetTensorMutableRawData();
 
     if (!cuda_) {
-      const Layout layout = make_layout(examples, m, r, attrs_.mode, kCpuChunk, kCpuVarChunk);
+      const Layout layout = layout_for(examples, m, r, kCpuChunk, kCpuVarChunk);
+      check_host_scratch(layout);
       run_cpu(dtype, x, y, layout, key, &ort_parallel_for, &ctx);
       return;
     }
 #ifdef ONNX_SAP_WITH_CUDA
-    const Layout layout = make_layout(examples, m, r, attrs_.mode, kCudaChunk, kCudaVarChunk);
+    const Layout layout = layout_for(examples, m, r, kCudaChunk, kCudaVarChunk);
     Ort::ConstMemoryInfo where = input.GetTensorMemoryInfo();
     Ort::MemoryInfo device_mem("Cuda", OrtDeviceAllocator, where.GetDeviceId(), OrtMemTypeDefault);
     OrtAllocator* allocator = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(device_mem));
@@ -209,6 +216,38 @@ class SapKernel {
                            ORT_FAIL);
     }
 #endif
+  }
+
+  [[noreturn]] void fail_scratch(const Layout& l, const std::string& why) const {
+    std::ostringstream msg;
+    msg << kOpType << " node '" << attrs_.node << "': " << l.examples << " examples of " << l.m << " elements with r = "
+        << l.r << " samples " << why << "; lower 'samples' or 'ratio', or split the batch";
+    throw Ort::Exception(msg.str(), ORT_INVALID_ARGUMENT);
+  }
+
+  Layout layout_for(int64_t examples, int64_t m, uint64_t r, int64_t chunk, int64_t var_chunk) const {
+    Layout l;
+    if (!make_layout(examples, m, r, attrs_.mode, chunk, var_chunk, l)) {
+      l.examples = examples, l.m = m, l.r = r;
+      fail_scratch(l, "need a scratch size beyond 64-bit range");
+    }
+    return l;
+  }
+
+  // The CPU scratch is written in full, so a size beyond physical memory can only end in the OOM
+  // killer (or, without overcommit, std::bad_alloc): refuse it up front with a clear message.
+  void check_host_scratch(const Layout& l) const {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages <= 0 || page <= 0) return;
+    const double physical = static_cast<double>(pages) * static_cast<double>(page);
+    const double bytes = static_cast<double>(l.scratch_doubles()) * sizeof(double);
+    if (bytes > physical) {
+      std::ostringstream why;
+      why.precision(3);
+      why << "need " << bytes / (1 << 30) << " GiB of scratch, more than this machine's " << physical / (1 << 30)
+          << " GiB of memory";
+      fail_scratch(l, why.str());
+    }
   }
 
   Attributes attrs_;
