@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import OnnxSapError
+from .errors import OnnxSapError, OptionError
 from .rewrite import HardenOptions, Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -208,12 +209,73 @@ def verify(
         raise typer.Exit(1)
 
 
+def _check_plot_path(plot_path: Optional[Path]) -> None:
+    """Refuse a --plot that could not be written before any work, not after it."""
+    if plot_path is None:
+        return
+    if not plot_path.parent.is_dir():
+        fail(f"--plot folder {plot_path.parent} does not exist")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        fail("--plot needs matplotlib: pip install matplotlib (or onnx-sap[plot])")
+
+
 def _floats(text: str, option: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         fail(f"{option} takes comma-separated numbers, got {text!r}")
         raise
+
+
+class _Progress:
+    """evaluate's and sweep's progress on stderr: bars on a terminal (a bar for the whole run and
+    one for the stage under way); elsewhere (logs, CI) one plain line per finished shard or
+    configuration, and no Rich live display at all (it would leave a blank line behind)."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.bars = None
+        self.stage_task = None
+        if err.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bars = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err,
+                                 transient=True)
+        self.started = time.monotonic()
+
+    def __enter__(self) -> "_Progress":
+        if self.bars is not None:
+            self.bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+    def begin(self, total: int, unit: str) -> None:
+        self.total, self.unit, self.finished = total, unit, 0
+        if self.bars is not None:
+            self.main_task = self.bars.add_task(f"{self.title} ({unit})", total=total)
+
+    def stage(self, label: str, total: int):
+        if self.bars is None:
+            return lambda: None
+        if self.stage_task is not None:
+            self.bars.remove_task(self.stage_task)
+        task = self.stage_task = self.bars.add_task(label, total=total)
+        return lambda: self.bars.advance(task)
+
+    def done(self, label: str, units: int) -> None:
+        self.finished += units
+        if self.bars is not None:
+            self.bars.advance(self.main_task, units)
+        else:
+            elapsed = int(time.monotonic() - self.started)
+            print(f"{self.title}: {self.finished}/{self.total} {self.unit} ({elapsed // 60}:{elapsed % 60:02d}): "
+                  f"{label}", file=sys.stderr, flush=True)
 
 
 @app.command()
@@ -233,41 +295,35 @@ def evaluate(
     square_passes: int = typer.Option(4, help="Stochastic passes averaged per Square Attack candidate."),
     limit: Optional[int] = typer.Option(None, help="Use only the first LIMIT examples."),
     seed: int = typer.Option(0, help="Non-zero: the whole evaluation (attacks and SAP streams) is reproducible."),
+    shard_size: int = typer.Option(32, help="Examples per shard (the unit of work; results depend on it)."),
+    scheduler: Optional[str] = typer.Option(None, help="Run the shards on Dask: local, local:N (workers) or "
+                                                       "tcp://HOST:PORT. Same results as in process."),
     provider: str = typer.Option("cpu", help="cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write accuracy vs epsilon to this PNG."),
 ) -> None:
     """Clean accuracy, calibration and robust accuracy of ORIGINAL vs HARDENED under forward-only attacks."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from .distributed import parse_scheduler
     from .evaluate import EvaluateOptions, evaluate as evaluate_api, plot
     from .metrics import load_data
     from .modelio import load_model
 
     if len(models) not in (1, 2):
         fail("give ORIGINAL HARDENED, or HARDENED alone")
-    if plot_path is not None:
-        if not plot_path.parent.is_dir():
-            fail(f"--plot folder {plot_path.parent} does not exist")
-        try:  # fail before the attacks, not after
-            import matplotlib  # noqa: F401
-        except ImportError:
-            fail("--plot needs matplotlib: pip install matplotlib (or onnx-sap[plot])")
+    _check_plot_path(plot_path)
+    cfg = EvaluateOptions(eps=_floats(eps, "--eps"), attacks=[a.strip() for a in attacks.split(",") if a.strip()],
+                          passes=passes, transfer_steps=transfer_steps, spsa_steps=spsa_steps,
+                          spsa_pairs=spsa_pairs, spsa_passes=spsa_passes, spsa_delta=spsa_delta,
+                          square_iters=square_iters, square_passes=square_passes, limit=limit, seed=seed,
+                          shard_size=shard_size, provider=provider)
+    cfg.validate()
+    if scheduler is not None:
+        parse_scheduler(scheduler)
     original = load_model(models[0]) if len(models) == 2 else None
     hardened = load_model(models[-1])
-    cfg = EvaluateOptions(eps=_floats(eps, "--eps"), attacks=[a.strip() for a in attacks.split(",") if a.strip()],
-                     passes=passes, transfer_steps=transfer_steps, spsa_steps=spsa_steps, spsa_pairs=spsa_pairs,
-                     spsa_passes=spsa_passes, spsa_delta=spsa_delta, square_iters=square_iters,
-                     square_passes=square_passes, limit=limit, seed=seed, provider=provider)
-    cfg.validate()
     x, y = load_data(data, limit)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, disable=as_json, transient=True) as bars:
-        def progress(label: str, total: int):
-            task = bars.add_task(label, total=total)
-            return lambda: bars.advance(task)
-
-        result = evaluate_api(original, hardened, x, y, cfg, progress)
+    with _Progress("evaluate") as progress:
+        result = evaluate_api(original, hardened, x, y, cfg, progress, scheduler=scheduler)
     if plot_path is not None:
         plot(result, plot_path)
     if as_json:
@@ -344,8 +400,11 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)  # click returns Exit codes here rather than raising them
         sys.exit(rc if isinstance(rc, int) else 0)
-    except OnnxSapError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    except OnnxSapError as e:  # an API parameter's error names the CLI flag here
+        from rich.markup import escape
+
+        message = e.as_flag() if isinstance(e, OptionError) else str(e)
+        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -36,11 +36,14 @@ def load_data(spec: str | Path, limit: int | None = None) -> tuple[np.ndarray, n
 class Classifier:
     """Batched forward passes of an ONNX classifier (first output = logits or log-probabilities)."""
 
-    def __init__(self, model: onnx.ModelProto, provider: str, batch_rows: int, seed: int | None = None):
+    def __init__(self, model: onnx.ModelProto, provider: str = "cpu", batch_rows: int = 16384,
+                 seed: int | None = None, *, threads: int | None = None, session=None):
+        """seed (non-zero) gives the SAP nodes reproducible streams; session, an already open session
+        of model, is used instead of opening one (evaluate keeps deterministic models' sessions)."""
         self.stochastic = has_sap(model)
         if self.stochastic and seed:
             model = with_seed(model, seed)
-        self.session = make_session(model, provider)
+        self.session = session or make_session(model, provider, threads=threads)
         inp = self.session.get_inputs()[0]
         self.input = inp.name
         fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None

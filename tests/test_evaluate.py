@@ -10,7 +10,8 @@ import pytest
 
 from onnx_sap.api import harden
 from onnx_sap.bench import bench
-from onnx_sap.evaluate import EvaluateOptions, evaluate, run_attack
+from onnx_sap.errors import OptionError
+from onnx_sap.evaluate import EvaluateOptions, EvaluateProgress, evaluate, run_attack
 from onnx_sap.metrics import Classifier, expected_calibration_error, load_data, score
 from onnx_sap.runtime import example_file
 
@@ -54,6 +55,41 @@ def test_worst_case_is_never_above_any_attack_and_is_reproducible(example):
         for eps in ("0.1", "0.3"):
             assert acc["worst"][eps] <= min(acc[k][eps] for k in ("transfer", "spsa", "square"))
         assert acc["worst"]["0.3"] < a["models"][name]["clean_single"]
+
+
+class Recorder(EvaluateProgress):
+    def __init__(self):
+        self.stages, self.finished = [], 0
+
+    def begin(self, total, unit):
+        self.total = total
+
+    def stage(self, label, total):
+        entry = {"label": label, "total": total, "ticks": 0}
+        self.stages.append(entry)
+        return lambda: entry.update(ticks=entry["ticks"] + 1)
+
+    def done(self, label, units):
+        self.finished += units
+
+
+def test_every_progress_stage_runs_to_its_total(example):
+    """The transfer attack's stage used to be shown for the hardened model and never advanced."""
+    original, hardened, x, y = example
+    recorder = Recorder()
+    evaluate(original, hardened, x[:20], y[:20], EvaluateOptions(**dict(SMALL, shard_size=10)), recorder)
+    assert recorder.finished == recorder.total == 20
+    assert len(recorder.stages) == 2 * 2 * 5  # shards x eps x (transfer once, spsa and square per model)
+    assert all(s["ticks"] == s["total"] > 0 for s in recorder.stages), recorder.stages
+
+
+def test_option_errors_name_the_python_parameter():
+    with pytest.raises(OptionError, match=r"^passes must be >= 1, got 0"):
+        EvaluateOptions(passes=0).validate()
+    with pytest.raises(OptionError, match=r"^eps must be"):
+        EvaluateOptions(eps=[float("nan")]).validate()
+    with pytest.raises(OptionError, match=r"^spsa_delta must be in \(0, 1\]"):
+        EvaluateOptions(spsa_delta=2).validate()
 
 
 def test_ece_on_constructed_cases():
