@@ -280,7 +280,8 @@ def strip_graph(graph: gs.Graph) -> int:
 
 
 def _bypass_region(graph: gs.Graph, nodes: list[gs.Node]) -> None:
-    ids = {id(n) for n in nodes}
+    # Nodes in the region's own subgraphs (the portable form's If) read its tensors from inside.
+    ids = {id(n) for node in nodes for _, g in iter_graphs(gs.Graph(nodes=[node])) for n in g.nodes}
     produced = {id(t) for n in nodes for t in n.outputs}
     sources = []
     for n in nodes:

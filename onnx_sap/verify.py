@@ -94,13 +94,12 @@ def _portable_regions(graph: onnx.GraphProto) -> dict[str, tuple[str, str, dict]
         if parsed is not None and parsed.region == PORTABLE:
             role = parsed.role
             reg = regions.setdefault(parsed.key, {})
-            if role == "x64":
+            if role == "in" or (role == "abs" and "input" not in reg):
                 reg["input"] = n.input[0]
             elif role == "out":
                 reg["output"] = n.output[0]
             elif role == "draws":
                 reg["mode"] = "multinomial"
-                reg["r"] = next(a.i for a in n.attribute if a.name == "sample_size")
             elif role == "u":
                 reg["mode"] = "bernoulli"
             elif role == "axes":
@@ -172,8 +171,8 @@ def verify(model: onnx.ModelProto | str | Path, *, provider: str = "cpu", runs: 
         xs, ys = captured[inp], captured[outp]
         rep = NodeReport(key, "portable", facts.get("mode", "?"), list(xs[0].shape), len(xs))
         attrs = {"axis": facts["axis"]}
-        r_fixed = facts.get("r")
         ratio = _portable_ratio(m.graph, key)
+        r_fixed = ratio(0) if facts.get("mode") == "multinomial" else None
         rep.kept, rep.expected_kept, rep.z_kept, rep.z_mean = statistics(
             xs, ys, attrs, lambda mm: r_fixed if r_fixed else (ratio(mm)))
         if facts.get("mode") == "multinomial":
