@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import secrets
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -99,18 +103,35 @@ def check_output_path(output: Path, input_path: Path | None, overwrite: bool) ->
         raise OnnxSapError(f"output {output} is the input model; choose another -o path or pass --overwrite")
 
 
+# Staging folders are named .onnx-sap-<pid>-<random>, so that a later save can tell those of dead
+# processes (killed mid-save) from those still in use.
+STAGING_PREFIX = ".onnx-sap-"
+# An unreferenced data file (a save killed between its data and its model) is removed once older than
+# this; a save renames its data and its model moments apart.
+ORPHAN_AGE_S = 60.0
+LEGACY_STAGING_AGE_S = 3600.0
+
+
 def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_data: bool = False,
                check: bool = True, before_commit: Callable[[Path], None] | None = None) -> Path:
-    """Write model to output atomically, with its tensors in `output.data` when external_data is set
-    or the model is too large for one protobuf file. With check, the written file must pass
-    onnx.checker (full check), and before_commit(staged_path) must return, before anything at the
-    output path is replaced. Returns the path written."""
+    """Write model to output atomically, with its tensors in `<output>.<random>.data` when
+    external_data is set or the model is too large for one protobuf file. With check, the written
+    file must pass onnx.checker (full check), and before_commit(staged_path) must return, before
+    anything at the output path is replaced. Returns the path written.
+
+    Crash safety: everything is written and fsynced in a staging folder beside the output; the data
+    file then moves in under a name no file has (nothing the old model reads changes), the model
+    file replaces the output in one rename, and only then is the old model's data file removed. A
+    kill at any point leaves the output path holding the old model with its data, or the new one with
+    its data. Staging folders of dead processes and data files nothing refers to are removed."""
     out = Path(output)
+    folder = out.parent if str(out.parent) else Path(".")
+    remove_stale_files(out)
     external = external_data or model_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    stage = Path(tempfile.mkdtemp(prefix=".onnx-sap-", dir=out.parent if str(out.parent) else "."))
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
     try:
         staged = stage / out.name
-        data_name = out.name + ".data"
+        data_name = f"{out.name}.{secrets.token_hex(4)}.data"
         if external:
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
@@ -124,9 +145,74 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
                                    "this with the model") from None
         if before_commit is not None:
             before_commit(staged)
-        if external and (stage / data_name).exists():  # the data first: the model file appears last, complete
-            os.replace(stage / data_name, out.parent / data_name)
+        old_data = _data_files_of(out)
+        if (stage / data_name).exists():
+            _fsync(stage / data_name)
+            os.replace(stage / data_name, folder / data_name)
+            _fsync(folder)  # the data is in place, durably, before a model names it
+        _fsync(staged)
         os.replace(staged, out)
+        _fsync(folder)
+        for name in old_data - {data_name}:
+            (folder / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _our_data_file(out: Path, name: str) -> bool:
+    """Whether name is a data file save_model writes (or wrote, as OUT.data) for out."""
+    return name == out.name + ".data" or re.fullmatch(re.escape(out.name) + r"\.[0-9a-f]{8}\.data", name) is not None
+
+
+def _data_files_of(out: Path) -> set[str]:
+    """The data files beside out, named as save_model names them, that the model at out refers to."""
+    folder = out.parent if str(out.parent) else Path(".")
+    if not out.is_file() or not any(_our_data_file(out, f.name) for f in folder.glob(glob.escape(out.name) + ".*")):
+        return set()
+    try:
+        model = onnx.load(str(out), load_external_data=False)
+    except Exception:  # not a model (any more): it refers to nothing
+        return set()
+    return {e.value for t in _all_initializers(model.graph) for e in t.external_data
+            if e.key == "location" and _our_data_file(out, e.value)}
+
+
+def remove_stale_files(out: Path) -> None:
+    """Remove, beside out, staging folders of processes that no longer run (and, from versions that
+    did not name the process, any older than an hour) and data files for out that the model at out
+    does not refer to, once older than a minute: what a killed save leaves behind."""
+    folder = out.parent if str(out.parent) else Path(".")
+    now = time.time()
+    for entry in folder.glob(STAGING_PREFIX + "*"):
+        pid = re.match(r"(\d+)-", entry.name[len(STAGING_PREFIX):])
+        stale = not _process_alive(int(pid.group(1))) if pid else now - entry.stat().st_ctime > LEGACY_STAGING_AGE_S
+        if stale and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+    referenced = _data_files_of(out)
+    for f in folder.glob(glob.escape(out.name) + ".*.data"):
+        if _our_data_file(out, f.name) and f.name != out.name + ".data" and f.name not in referenced:
+            try:
+                if now - f.stat().st_ctime > ORPHAN_AGE_S:
+                    f.unlink()
+            except OSError:
+                pass
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

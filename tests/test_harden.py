@@ -141,7 +141,7 @@ def test_external_data_is_read_and_written(tmp_path):
     onnx.save(m, src, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data",
               size_threshold=0)
     report = harden(src, tmp_path / "out.onnx", mode="bernoulli", seed=1)
-    assert (tmp_path / "out.onnx.data").exists()
+    assert len(list(tmp_path.glob("out.onnx.*.data"))) == 1
     assert any(t.data_location == onnx.TensorProto.EXTERNAL
                for t in onnx.load(report.output, load_external_data=False).graph.initializer)
     assert run(str(report.output), {"x": X16})[0].shape == (3, 10)
