@@ -197,6 +197,6 @@ def compare_with_reference(x: np.ndarray, y: np.ndarray, attrs: dict, call: int)
         return disagree, 0.0
     # The ulp below the value: at the largest finite value np.spacing would be Inf (saturation).
     top = np.finfo(y.dtype).max
-    ulp = np.spacing(np.minimum(np.abs(ref.y[both]).astype(y.dtype), np.nextafter(top, 0))).astype(np.float64)
+    ulp = np.spacing(np.minimum(np.abs(ref.y[both]).astype(y.dtype), np.nextafter(top, -top))).astype(np.float64)
     err = np.abs(y[both].astype(np.float64) - ref.y[both].astype(np.float64)) / ulp
     return disagree, float(err.max())

@@ -3,6 +3,8 @@
 import threading
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 from helpers import assert_matches_reference, sap_model
 
@@ -65,27 +67,6 @@ def test_seed_zero_draws_fresh_entropy_every_run_and_session():
             assert not np.array_equal(masks[i], masks[j])
 
 
-def test_concurrent_runs_get_distinct_call_indices():
-    attrs = dict(mode="bernoulli", seed=21, stream=4)
-    sess = make_session(sap_model(**attrs))
-    x = _input((2, 5000), np.float32)
-    outs = [None] * 8
-    start = threading.Barrier(8)
-
-    def worker(i):
-        start.wait()
-        outs[i] = sess.run(None, {"x": x})[0]
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    expected = [reference.sap(x, call=c, **attrs) for c in range(8)]
-    calls = [next(c for c in range(8) if np.array_equal(o, expected[c])) for o in outs]
-    assert sorted(calls) == list(range(8))
-
-
 @pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
 def test_nonfinite_and_zero_examples_pass_through(mode):
     x = _input((5, 64), np.float32)
@@ -126,6 +107,15 @@ BAD = [
     ({"samples": 2**31}, "attribute 'samples' is 2147483648"),
     ({"samples": 2**62}, "attribute 'samples' is 4611686018427387904"),  # used to wrap the scratch size
     ({"axis": -1}, "attribute 'axis' is -1"),
+    # Wrong types used to be replaced by the defaults without a word.
+    ({"ratio": 2}, "attribute 'ratio' is 2 (an int); it must be a float"),
+    ({"samples": 3.0}, "attribute 'samples' is 3 (a float); it must be an int"),
+    ({"mode": 1}, "attribute 'mode' is 1 (an int); it must be a string"),
+    ({"axis": "1"}, "attribute 'axis' is '1' (a string); it must be an int"),
+    ({"seed": 1.5}, "attribute 'seed' is 1.5 (a float); it must be an int"),
+    ({"stream": [1, 2]}, "attribute 'stream' is a list of 2 ints; it must be an int"),
+    ({"ratio": [0.5]}, "attribute 'ratio' is a list of 1 floats; it must be a float"),
+    ({"ratio": onnx.numpy_helper.from_array(np.array(0.5, np.float32))}, "attribute 'ratio' is of another type"),
 ]
 
 
@@ -195,3 +185,60 @@ def test_survivors_saturate_in_float32_with_their_sign(mode):
     assert kept.any()
     np.testing.assert_array_equal(y[kept], np.sign(x[kept]) * top)
     assert_matches_reference(y, x, call=0, **attrs)
+
+
+@pytest.mark.parametrize("seed", range(1, 9))
+def test_float64_subnormal_examples_match_the_reference(seed):
+    # S down to a few units of 2^-1074: positions must be T_k * S (one rounding), not G_k * (S / G_r),
+    # whose S / G_r keeps almost no digits there.
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (4, 64)) * 10.0 ** rng.uniform(-323, -308, (4, 1))
+    x[rng.random(x.shape) < 0.3] = 0
+    attrs = dict(mode="multinomial", seed=seed)
+    y = make_session(sap_model(np.float64, **attrs)).run(None, {"x": x})[0]
+    assert_matches_reference(y, x, call=0, **attrs)
+
+
+def _two_node_model(**common):
+    """x -> two SAP nodes (multinomial stream 0, bernoulli stream 1) side by side -> y0, y1."""
+    nodes = [onnx.helper.make_node("StochasticActivationPruning", ["x"], [f"y{i}"], domain="onnx_sap", name=f"sap{i}",
+                                   mode=mode, stream=i, **common)
+             for i, mode in enumerate(["multinomial", "bernoulli"])]
+    t = onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(nodes, "two", [onnx.helper.make_tensor_value_info("x", t, None)],
+                                   [onnx.helper.make_tensor_value_info(f"y{i}", t, None) for i in range(2)])
+    return onnx.helper.make_model(graph, ir_version=9, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                                      onnx.helper.make_opsetid("onnx_sap", 1)])
+
+
+@pytest.mark.parametrize("threads", [1, None], ids=["intra1", "intra_default"])
+def test_concurrent_runs_use_each_call_index_once(threads):
+    # 8 threads x 200 runs of one session: per node, the runs' call indices are exactly 0..1599 (each
+    # learnt from the output's keep mask) and every output is the reference's for its index.
+    workers, runs, seed = 8, 200, 31
+    total = workers * runs
+    x = _input((1, 96), np.float32, seed)
+    sess = make_session(_two_node_model(seed=seed), threads=threads)
+    outs: list[list] = [[] for _ in range(workers)]
+    start = threading.Barrier(workers)
+
+    def worker(i):
+        start.wait()
+        for _ in range(runs):
+            outs[i].append(sess.run(None, {"x": x}))
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    for node, mode in enumerate(["multinomial", "bernoulli"]):
+        attrs = dict(mode=mode, seed=seed, stream=node)
+        index_of = {(reference.sap(x, call=c, **attrs) != 0).tobytes(): c for c in range(total)}
+        assert len(index_of) == total  # each index has its own mask, so a mask names its index
+        calls = []
+        for y in (run[node] for thread_outs in outs for run in thread_outs):
+            call = index_of[(y != 0).tobytes()]
+            assert_matches_reference(y, x, call=call, **attrs)
+            calls.append(call)
+        assert sorted(calls) == list(range(total))

@@ -1,6 +1,6 @@
-// CUDA driver: the three phases of sap_math.h as three kernels on the caller's stream. No host
-// synchronisation and no allocation here: the caller passes device scratch (ONNX Runtime's
-// allocator in the op, cudaMalloc in the C test entry point).
+// CUDA driver: the three phases of sap_math.h as three kernels on the caller's stream, with their
+// scratch allocated and freed on that stream too (stream-ordered), so that the scratch lives exactly
+// until the stream has consumed it, whatever other streams or Run() calls do meanwhile.
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -33,29 +33,50 @@ __global__ void apply_kernel(Layout l, const T* x, T* y, const double* scratch, 
 }
 
 template <typename T>
-int run_typed(const T* x, T* y, const Layout& l, const StreamKey& key, double* scratch, cudaStream_t stream) {
-  if (l.apply_tasks() == 0) return 0;
+void launch(const T* x, T* y, const Layout& l, const StreamKey& key, double* scratch, cudaStream_t stream) {
   partial_kernel<T><<<blocks_for(l.partial_tasks()), kThreads, 0, stream>>>(l, x, scratch, key);
   prefix_kernel<<<blocks_for(l.examples), kThreads, 0, stream>>>(l, scratch);
   apply_kernel<T><<<blocks_for(l.apply_tasks()), kThreads, 0, stream>>>(l, x, y, scratch, key);
-  return static_cast<int>(cudaGetLastError());
+}
+
+// Whether the current device has stream-ordered allocation (cudaMallocAsync); nearly all do.
+bool has_memory_pools() {
+  int device = 0, supported = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, device) != cudaSuccess) return false;
+  return supported != 0;
 }
 
 }  // namespace
 
-int run_cuda(DType dtype, const void* x, void* y, const Layout& layout, const StreamKey& key, double* scratch,
-             void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
+int run_cuda(DType dtype, const void* x, void* y, const Layout& layout, const StreamKey& key, void* stream_ptr) {
+  if (layout.apply_tasks() == 0) return 0;
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const size_t bytes = sizeof(double) * static_cast<size_t>(layout.scratch_doubles());
+  const bool pools = has_memory_pools();
+  double* scratch = nullptr;
+  cudaError_t err = pools ? cudaMallocAsync(reinterpret_cast<void**>(&scratch), bytes, stream)
+                          : cudaMalloc(reinterpret_cast<void**>(&scratch), bytes);
+  if (err != cudaSuccess) return static_cast<int>(err);
   switch (dtype) {
     case DType::kFloat32:
-      return run_typed(static_cast<const float*>(x), static_cast<float*>(y), layout, key, scratch, s);
+      launch(static_cast<const float*>(x), static_cast<float*>(y), layout, key, scratch, stream);
+      break;
     case DType::kFloat64:
-      return run_typed(static_cast<const double*>(x), static_cast<double*>(y), layout, key, scratch, s);
+      launch(static_cast<const double*>(x), static_cast<double*>(y), layout, key, scratch, stream);
+      break;
     case DType::kFloat16:
-      return run_typed(static_cast<const Half*>(x), static_cast<Half*>(y), layout, key, scratch, s);
+      launch(static_cast<const Half*>(x), static_cast<Half*>(y), layout, key, scratch, stream);
+      break;
   }
-  return static_cast<int>(cudaErrorInvalidValue);
+  err = cudaGetLastError();
+  // Freed behind the kernels on the same stream; without pools, only once the stream is done.
+  const cudaError_t free_err = pools ? cudaFreeAsync(scratch, stream)
+                                     : (cudaStreamSynchronize(stream), cudaFree(scratch));
+  return static_cast<int>(err != cudaSuccess ? err : free_err);
 }
+
+const char* cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
 }  // namespace onnx_sap
 
@@ -99,25 +120,19 @@ __attribute__((visibility("default"))) int onnx_sap_cuda_run(const void* x_host,
   const size_t bytes = static_cast<size_t>(examples * m) * elem;
   const StreamKey key{static_cast<uint32_t>(key64), static_cast<uint32_t>(key64 >> 32), call};
   void *dx = nullptr, *dy = nullptr;
-  double* scratch = nullptr;
   cudaError_t err;
   int rc = 0;
   if ((err = cudaMalloc(&dx, bytes ? bytes : 1)) != cudaSuccess) return fail("cudaMalloc", err);
   if ((err = cudaMalloc(&dy, bytes ? bytes : 1)) != cudaSuccess) { cudaFree(dx); return fail("cudaMalloc", err); }
-  if ((err = cudaMalloc(&scratch, sizeof(double) * (layout.scratch_doubles() + 1))) != cudaSuccess) {
-    cudaFree(dx); cudaFree(dy);
-    return fail("cudaMalloc", err);
-  }
   if ((err = cudaMemcpy(dx, x_host, bytes, cudaMemcpyHostToDevice)) != cudaSuccess) {
     rc = fail("cudaMemcpy to device", err);
-  } else if ((rc = run_cuda(static_cast<DType>(dtype), dx, dy, layout, key, scratch, nullptr)) != 0) {
+  } else if ((rc = run_cuda(static_cast<DType>(dtype), dx, dy, layout, key, nullptr)) != 0) {
     rc = fail("kernel launch", static_cast<cudaError_t>(rc));
   } else if ((err = cudaMemcpy(y_host, dy, bytes, cudaMemcpyDeviceToHost)) != cudaSuccess) {
     rc = fail("kernel or copy back", err);
   }
   cudaFree(dx);
   cudaFree(dy);
-  cudaFree(scratch);
   return rc;
 }
 

@@ -26,10 +26,11 @@ void run_cpu(DType dtype, const void* x, void* y, const Layout& layout, const St
              void* runner);
 
 #ifdef ONNX_SAP_WITH_CUDA
-// Enqueues the whole computation on `stream` (a cudaStream_t); `scratch` holds
-// layout.scratch_doubles() doubles of device memory. Returns a CUDA error code (0 = success).
-int run_cuda(DType dtype, const void* x, void* y, const Layout& layout, const StreamKey& key, double* scratch,
-             void* stream);
+// Enqueues the whole computation on `stream` (a cudaStream_t), its scratch (layout.scratch_doubles()
+// doubles) allocated and freed in stream order. Returns a CUDA error code (0 = success), which
+// cuda_error_string describes.
+int run_cuda(DType dtype, const void* x, void* y, const Layout& layout, const StreamKey& key, void* stream);
+const char* cuda_error_string(int code);
 #endif
 
 }  // namespace onnx_sap

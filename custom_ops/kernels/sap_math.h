@@ -389,13 +389,17 @@ SAP_HD double exponential_sum(const StreamKey& key, uint64_t begin, uint64_t end
 struct SampleCursor {
   const double* g_before;  // g_before[d] = sum of E over variate chunks < d
   int64_t chunk;           // variates per chunk (a multiple of kBlock)
-  double scale;            // S / G_r: sample k sits at G_k * scale
+  double inv_total;        // 1 / G_r
+  double sum;              // S: sample k sits at T_k * S = (G_k * inv_total) * S
   uint64_t k;              // current sample index
   uint64_t base;           // first variate of the loaded block
   double g_last;           // G of the loaded block's last variate
   double pos[kBlock];      // positions of the loaded block's variates
 
   SAP_HD double position() const { return pos[k - base]; }
+  // T_k * S as SPEC.md writes it: T_k first, then one rounding of the product. Not G_k * (S / G_r):
+  // for a subnormal S, S / G_r loses most of its digits and every position moves with it.
+  SAP_HD double position_of(double g) const { return (g * inv_total) * sum; }
   // Loads the kBlock variates from b (a multiple of kBlock), given G of the variate before b.
   SAP_HD void load(const StreamKey& key, uint32_t n, uint64_t b, double g_prev) {
     base = b;
@@ -406,7 +410,7 @@ struct SampleCursor {
       pos[i] = g;
     }
     g_last = g;
-    for (int i = 0; i < kBlock; ++i) pos[i] *= scale;
+    for (int i = 0; i < kBlock; ++i) pos[i] = position_of(pos[i]);
   }
   SAP_HD void seek_chunk_start(const StreamKey& key, uint32_t n, int64_t d) {
     k = static_cast<uint64_t>(d) * static_cast<uint64_t>(chunk);
@@ -430,7 +434,7 @@ SAP_HD uint64_t first_sample_at_or_after(SampleCursor cur, const StreamKey& key,
   int64_t lo = 0, hi = n_var_chunks - 1;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (cur.g_before[mid] * cur.scale < bound) lo = mid; else hi = mid - 1;
+    if (cur.position_of(cur.g_before[mid]) < bound) lo = mid; else hi = mid - 1;
   }
   cur.seek_chunk_start(key, n, lo);
   while (cur.k < r && cur.position() < bound) cur.advance(key, n);
@@ -619,7 +623,7 @@ SAP_HD void apply_task(const Layout& l, const T* x, T* y, const double* scratch,
   }
   const double* g_before = scratch + l.examples * l.c_stride() + n * l.g_stride();
   const double g_total = g_before[l.var_chunks];
-  SampleCursor cur{g_before, l.var_chunk, sum / g_total, 0, 0, 0.0, {}};
+  SampleCursor cur{g_before, l.var_chunk, 1.0 / g_total, sum, 0, 0, 0.0, {}};
   const uint64_t k_begin = first_sample_at_or_after(cur, key, n32, l.r, l.var_chunks, c_before[c]);
   const uint64_t k_end =
       c + 1 < l.elem_chunks ? first_sample_at_or_after(cur, key, n32, l.r, l.var_chunks, c_before[c + 1]) : l.r;

@@ -42,41 +42,78 @@ struct Attributes {
   throw Ort::Exception(msg.str(), ORT_INVALID_ARGUMENT);
 }
 
-// Optional attributes: a missing one keeps its default (the C API reports "missing" as a status).
-template <typename T>
-bool try_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, T* out);
-
-template <>
-bool try_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, float* out) {
-  OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, out);
-  if (st) api.ReleaseStatus(st);
-  return st == nullptr;
+// The C API has one getter per attribute type; a getter fails alike for a missing attribute and
+// for one of another type. The getters, each returning a status (null: found, of this type):
+OrtStatus* get_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, float* out) {
+  return api.KernelInfoGetAttribute_float(info, name, out);
 }
-
-template <>
-bool try_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t* out) {
-  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, out);
-  if (st) api.ReleaseStatus(st);
-  return st == nullptr;
+OrtStatus* get_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t* out) {
+  return api.KernelInfoGetAttribute_int64(info, name, out);
 }
-
-template <>
-bool try_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, std::string* out) {
+OrtStatus* get_attribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, std::string* out) {
   size_t size = 0;
-  OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &size);
-  if (st) {
-    api.ReleaseStatus(st);
-    return false;
-  }
+  if (OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &size)) return st;
   std::string value(size, '\0');
-  st = api.KernelInfoGetAttribute_string(info, name, value.data(), &size);
-  if (st) {
-    api.ReleaseStatus(st);
-    return false;
-  }
+  if (OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, value.data(), &size)) return st;
   value.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
   *out = value;
-  return true;
+  return nullptr;
+}
+
+// Whether the getter found the attribute; its status is released either way.
+template <typename T>
+bool found(const OrtApi& api, const OrtKernelInfo* info, const char* name, T* out) {
+  OrtStatus* st = get_attribute(api, info, name, out);
+  if (st) api.ReleaseStatus(st);
+  return st == nullptr;
+}
+
+std::string shown(float v) {
+  std::ostringstream s;
+  s.precision(9);
+  s << v;
+  return s.str();
+}
+std::string shown(int64_t v) { return std::to_string(v); }
+std::string shown(const std::string& v) { return "'" + v + "'"; }
+
+// The attribute `name` read as any type other than the one asked for, e.g. "2 (an int)"; empty when
+// no getter finds it.
+std::string read_as_other_type(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
+  float f;
+  if (found(api, info, name, &f)) return shown(f) + " (a float)";
+  int64_t i;
+  if (found(api, info, name, &i)) return shown(i) + " (an int)";
+  std::string str;
+  if (found(api, info, name, &str)) return shown(str) + " (a string)";
+  // The list getters succeed on any attribute that is present, counting its elements of their type.
+  size_t floats = 0, ints = 0;
+  OrtStatus* st_floats = api.KernelInfoGetAttributeArray_float(info, name, nullptr, &floats);
+  OrtStatus* st_ints = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &ints);
+  const bool present = st_floats == nullptr || st_ints == nullptr;
+  if (st_floats) api.ReleaseStatus(st_floats);
+  if (st_ints) api.ReleaseStatus(st_ints);
+  if (st_floats == nullptr && floats > 0) return "a list of " + std::to_string(floats) + " floats";
+  if (st_ints == nullptr && ints > 0) return "a list of " + std::to_string(ints) + " ints";
+  return present ? "of another type" : "";
+}
+
+// Optional attributes: a missing one keeps its default (returns false); one of another type fails,
+// naming the value (SPEC.md: nothing is silently replaced by its default).
+template <typename T>
+bool read_attribute(const OrtApi& api, const OrtKernelInfo* info, const std::string& node, const char* name,
+                    const char* type, T* out) {
+  OrtStatus* st = get_attribute(api, info, name, out);
+  if (st == nullptr) return true;
+  const std::string message = api.GetErrorMessage(st);
+  api.ReleaseStatus(st);
+  const std::string other = read_as_other_type(api, info, name);
+  const std::string expected = std::string("it must be ") + type;
+  if (!other.empty()) fail_attribute(node, name, other, expected.c_str());
+  // Present, but of a type no getter reads (a tensor, a graph, a list of strings): ONNX Runtime says
+  // the type does not match, where for a missing attribute it says there is none.
+  if (message.find("match") != std::string::npos) fail_attribute(node, name, "of another type", expected.c_str());
+  return false;
 }
 
 std::string node_name(const OrtApi& api, const OrtKernelInfo* info) {
@@ -100,27 +137,43 @@ Attributes read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
   Attributes a;
   a.node = node_name(api, info);
   std::string mode = "multinomial";
-  try_attribute(api, info, "mode", &mode);
+  read_attribute(api, info, a.node, "mode", "a string", &mode);
   if (mode == "multinomial") a.mode = Mode::kMultinomial;
   else if (mode == "bernoulli") a.mode = Mode::kBernoulli;
-  else fail_attribute(a.node, "mode", "'" + mode + "'", "use 'multinomial' or 'bernoulli'");
+  else fail_attribute(a.node, "mode", shown(mode), "use 'multinomial' or 'bernoulli'");
 
-  try_attribute(api, info, "ratio", &a.ratio);
-  if (!(std::isfinite(a.ratio) && a.ratio > 0.0f))
-    fail_attribute(a.node, "ratio", std::to_string(a.ratio), "it must be finite and > 0");
+  read_attribute(api, info, a.node, "ratio", "a float", &a.ratio);
+  if (!(std::isfinite(a.ratio) && a.ratio > 0.0f)) fail_attribute(a.node, "ratio", shown(a.ratio), "it must be finite and > 0");
 
-  try_attribute(api, info, "samples", &a.samples);
+  read_attribute(api, info, a.node, "samples", "an int", &a.samples);
   if (a.samples < 0 || a.samples > kMaxSamples)
-    fail_attribute(a.node, "samples", std::to_string(a.samples), "it must be in [0, 2^31 - 1] (0: use ratio)");
+    fail_attribute(a.node, "samples", shown(a.samples), "it must be in [0, 2^31 - 1] (0: use ratio)");
 
-  try_attribute(api, info, "axis", &a.axis);
-  if (a.axis < 0) fail_attribute(a.node, "axis", std::to_string(a.axis), "it must satisfy 0 <= axis < rank");
+  read_attribute(api, info, a.node, "axis", "an int", &a.axis);
+  if (a.axis < 0) fail_attribute(a.node, "axis", shown(a.axis), "it must satisfy 0 <= axis < rank");
 
   int64_t v = 0;
-  if (try_attribute(api, info, "seed", &v)) a.seed = static_cast<uint64_t>(v);
+  if (read_attribute(api, info, a.node, "seed", "an int", &v)) a.seed = static_cast<uint64_t>(v);
   v = 0;
-  if (try_attribute(api, info, "stream", &v)) a.stream = static_cast<uint64_t>(v);
+  if (read_attribute(api, info, a.node, "stream", "an int", &v)) a.stream = static_cast<uint64_t>(v);
   return a;
+}
+
+// The status for the exception being handled: only statuses may cross the C ABI into ONNX Runtime,
+// so every entry point ends in catch (...) { return exception_status(...); }. Builds no string
+// itself (an allocation could throw again while handling std::bad_alloc).
+OrtStatus* exception_status(const OrtApi& api) noexcept {
+  try {
+    throw;
+  } catch (const Ort::Exception& e) {
+    return api.CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::bad_alloc&) {
+    return api.CreateStatus(ORT_FAIL, "StochasticActivationPruning: out of memory");
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_FAIL, e.what());
+  } catch (...) {
+    return api.CreateStatus(ORT_FAIL, "StochasticActivationPruning: unknown C++ exception");
+  }
 }
 
 // Fresh key from the operating system on every call when seed = 0 (the deployed defense).
@@ -153,10 +206,8 @@ class SapKernel {
     try {
       Compute(raw);
       return nullptr;
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+    } catch (...) {
+      return exception_status(Ort::GetApi());
     }
   }
 
@@ -201,18 +252,13 @@ class SapKernel {
     }
 #ifdef ONNX_SAP_WITH_CUDA
     const Layout layout = layout_for(examples, m, r, kCudaChunk, kCudaVarChunk);
-    Ort::ConstMemoryInfo where = input.GetTensorMemoryInfo();
-    Ort::MemoryInfo device_mem("Cuda", OrtDeviceAllocator, where.GetDeviceId(), OrtMemTypeDefault);
-    OrtAllocator* allocator = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(device_mem));
-    const size_t bytes = sizeof(double) * static_cast<size_t>(layout.scratch_doubles());
-    // Stream-ordered reuse: freeing before the kernels finish is safe because the arena hands the
-    // block out again only to work queued on the same stream.
-    void* scratch = allocator->Alloc(allocator, bytes);
-    const int rc = run_cuda(dtype, x, y, layout, key, static_cast<double*>(scratch), ctx.GetGPUComputeStream());
-    allocator->Free(allocator, scratch);
+    // Scratch comes from CUDA's stream-ordered allocator (sap_cuda.cu), not ctx.GetAllocator: it is
+    // freed behind the kernels on this stream, so no Run() on any stream can reuse it early.
+    const int rc = run_cuda(dtype, x, y, layout, key, ctx.GetGPUComputeStream());
     if (rc != 0) {
-      throw Ort::Exception(std::string(kOpType) + " node '" + attrs_.node + "': CUDA launch failed with error " +
-                               std::to_string(rc),
+      throw Ort::Exception(std::string(kOpType) + " node '" + attrs_.node + "': CUDA error " + std::to_string(rc) +
+                               " (" + cuda_error_string(rc) + ") for " + std::to_string(layout.scratch_doubles() * 8) +
+                               " bytes of scratch and the kernels",
                            ORT_FAIL);
     }
 #endif
@@ -261,8 +307,8 @@ struct SapOp : Ort::CustomOpBase<SapOp<kType, kCuda>, SapKernel, true> {
     try {
       *kernel = new SapKernel(read_attributes(api, info), kCuda);
       return nullptr;
-    } catch (const Ort::Exception& e) {
-      return api.CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (...) {
+      return exception_status(api);
     }
   }
   const char* GetName() const { return kOpType; }
@@ -283,34 +329,65 @@ SapOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, true> g_cuda_f16;
 SapOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE, true> g_cuda_f64;
 #endif
 
+std::vector<OrtCustomOp*> all_ops() {
+  return {&g_cpu_f32, &g_cpu_f16, &g_cpu_f64,
+#ifdef ONNX_SAP_WITH_CUDA
+          &g_cuda_f32, &g_cuda_f16, &g_cuda_f64,
+#endif
+  };
+}
+
 // Domains must outlive every session that uses them.
 std::mutex g_domains_mutex;
 std::vector<std::unique_ptr<Ort::CustomOpDomain>> g_domains;
+
+// The oldest ONNX Runtime C API this library can use: KernelContext_ParallelFor (1.17) is the newest
+// function it calls, and kernels report errors through CreateKernelV2/KernelComputeV2 (1.16).
+constexpr uint32_t kMinApiVersion = 17;
+
+// The highest C API version, up to our headers' ORT_API_VERSION, that the loaded runtime serves
+// (GetApi returns null for versions it does not know); 0 when it serves none from the minimum on.
+// Probed upwards: a runtime prints a line for each version it refuses, so at most one is asked for.
+uint32_t negotiated_api_version(const OrtApiBase* base) {
+  uint32_t version = 0;
+  for (uint32_t v = kMinApiVersion; v <= ORT_API_VERSION && base->GetApi(v) != nullptr; ++v) version = v;
+  return version;
+}
 
 }  // namespace
 }  // namespace onnx_sap
 
 SAP_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   using namespace onnx_sap;
-  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (api == nullptr) return nullptr;  // cannot even report: the runtime is older than our headers
-  Ort::InitApi(api);
+  const uint32_t version = negotiated_api_version(api_base);
+  if (version == 0) {
+    // Version 1 is served by every runtime: enough to report the problem.
+    const OrtApi* v1 = api_base->GetApi(1);
+    if (v1 == nullptr) return nullptr;  // not an ONNX Runtime: nothing to report with
+    std::string msg;
+    try {
+      msg = std::string("the onnx_sap op library needs onnxruntime 1.") + std::to_string(kMinApiVersion) +
+            " or newer (C API version " + std::to_string(kMinApiVersion) + ".." + std::to_string(ORT_API_VERSION) +
+            "), but this onnxruntime is " + api_base->GetVersionString() + "; upgrade it (pip install -U onnxruntime)";
+    } catch (...) {
+      return v1->CreateStatus(ORT_FAIL, "the onnx_sap op library needs a newer onnxruntime");
+    }
+    return v1->CreateStatus(ORT_FAIL, msg.c_str());
+  }
+  const OrtApi* api = api_base->GetApi(version);
   try {
-    auto domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
-    domain->Add(&g_cpu_f32);
-    domain->Add(&g_cpu_f16);
-    domain->Add(&g_cpu_f64);
-#ifdef ONNX_SAP_WITH_CUDA
-    domain->Add(&g_cuda_f32);
-    domain->Add(&g_cuda_f16);
-    domain->Add(&g_cuda_f64);
-#endif
-    Ort::UnownedSessionOptions(options).Add(*domain);
     std::lock_guard<std::mutex> lock(g_domains_mutex);
+    Ort::InitApi(api);
+    auto domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
+    for (OrtCustomOp* op : all_ops()) {
+      if (op->version != version) op->version = version;  // the runtime reads the fields of this version only
+      domain->Add(op);
+    }
+    Ort::UnownedSessionOptions(options).Add(*domain);
     g_domains.push_back(std::move(domain));
     return nullptr;
-  } catch (const Ort::Exception& e) {
-    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (...) {
+    return exception_status(*api);
   }
 }
 
