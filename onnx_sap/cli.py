@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -71,6 +72,11 @@ def _options(ratio: float, samples: int, mode: str, axis: int, seed: int, includ
     return opts
 
 
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def harden(
     model: Path = typer.Argument(..., help="The ONNX model to harden (never modified)."),
@@ -79,10 +85,14 @@ def harden(
     samples: int = typer.Option(0, help="Fixed samples per example (overrides --ratio when > 0)."),
     mode: str = typer.Option("multinomial", help="multinomial (the paper's SAP) or bernoulli."),
     axis: int = typer.Option(1, help="Dims before AXIS index examples; the rest form one example."),
-    seed: int = typer.Option(0, help="0: fresh OS entropy per run (deployment). Non-zero: reproducible, predictable."),
+    seed: int = typer.Option(0, help="0 (deployment): the custom op draws fresh OS entropy per run; --portable "
+                                     "uses the runtime's stream, seeded once per process. Non-zero: reproducible, "
+                                     "predictable."),
     include: Optional[List[str]] = typer.Option(None, help="Only these kinds or node-name globs (repeat or comma)."),
     exclude: Optional[List[str]] = typer.Option(None, help="Skip these kinds or node-name globs."),
-    portable: bool = typer.Option(False, help="Emit SAP as standard ONNX ops (any runtime, no op library)."),
+    portable: bool = typer.Option(False, help="Emit SAP as standard ONNX ops (any runtime, no op library). Runtimes "
+                                              "seed its random ops once per process: each new session repeats the "
+                                              "same stream (README)."),
     ensemble: int = typer.Option(1, help="Average K stochastic passes inside one run."),
     ensemble_reduce: str = typer.Option("probs", help="probs: log(mean softmax); logits: mean of logits."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
@@ -101,16 +111,13 @@ def harden(
                "dry_run": dry_run, "check": report.check.__dict__ if report.check else None}
         if report.output:
             doc["output_bytes"] = report.output.stat().st_size
+        doc["warnings"] = opts.warnings()
         print(json.dumps(doc, indent=2))
-        if seed:
-            err.print("[yellow]warning:[/] --seed makes SAP's randomness predictable to an attacker; use it for "
-                      "tests and evaluation only", highlight=False)
+        _warn(opts.warnings())
         return
     out.print(_sites_table(report.plan, f"Activation sites in {model}"))
     out.print(_kind_summary(report.plan))
-    if seed:
-        err.print("[yellow]warning:[/] --seed makes SAP's randomness predictable to an attacker; use it for tests "
-                  "and evaluation only", highlight=False)
+    _warn(opts.warnings())
     if dry_run:
         out.print("dry run: nothing written. Drop --dry-run to write the hardened model.")
         return

@@ -33,6 +33,15 @@ GAMMA = 0x9E3779B97F4A7C15
 MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 SHIFTS = (30, 27, 31)
 
+# What harden --portable warns about. Measured (README, "--portable"): ONNX Runtime seeds each random
+# op without a seed attribute from one process-wide value, so a new session (or a new page in the
+# browser) restarts the same stream; seed attributes only fix it further. No standard op reads
+# anything that changes between sessions, so the graph itself cannot avoid it.
+RANDOMNESS_WARNING = ("--portable: runtimes seed random ops once per process, so every session of this model in "
+                      "one process (or one web page) repeats the same SAP stream, and an attacker who can open "
+                      "sessions can replay it; keep one session per process, reseed the runtime before each "
+                      "session (Python: onnxruntime.set_seed), or use the custom op")
+
 
 def emit_portable_sap(x: gs.Variable, y: gs.Variable, stream: int, options, opset: int, prefix: str,
                       fresh: Callable[[str], str]) -> list[gs.Node]:

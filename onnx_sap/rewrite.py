@@ -21,7 +21,7 @@ from . import __version__
 from .errors import OnnxSapError
 from .modelio import default_opset
 from .patterns import KINDS, Match, find_activations, raw_producer
-from .portable import emit_portable_sap
+from .portable import RANDOMNESS_WARNING as PORTABLE_RANDOMNESS_WARNING, emit_portable_sap
 from .reference import MAX_SAMPLES, MODES, sample_count
 from .runtime import DOMAIN, OP_TYPE
 from .sap_nodes import (CUSTOM, ENSEMBLE_IN, ENSEMBLE_OUT, PORTABLE, find_sap_nodes, iter_graphs, iter_nodes,
@@ -69,6 +69,16 @@ class HardenOptions:
         for pat in list(self.include) + list(self.exclude):
             if not pat:
                 raise OnnxSapError("--include/--exclude patterns must not be empty")
+
+    def warnings(self) -> list[str]:
+        """What these options give up (harden prints each on stderr and lists them in --json)."""
+        found = []
+        if self.seed:
+            found.append("--seed makes SAP's randomness predictable to an attacker; use it for tests and "
+                         "evaluation only")
+        if self.portable:
+            found.append(PORTABLE_RANDOMNESS_WARNING)
+        return found
 
 
 @dataclass

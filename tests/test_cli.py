@@ -48,6 +48,18 @@ def test_seed_warns_and_json_is_machine_readable(model_path, tmp_path):
     assert "predictable" in res.stderr
 
 
+def test_portable_warns_that_sessions_repeat_the_stream(model_path, tmp_path):
+    res = cli("harden", model_path, "-o", tmp_path / "p.onnx", "--portable", "--mode", "bernoulli", "--json")
+    assert res.returncode == 0, res.stderr
+    [warning] = json.loads(res.stdout)["warnings"]
+    assert "once per process" in warning and "once per process" in res.stderr
+    plain = cli("harden", model_path, "-o", tmp_path / "c.onnx", "--json")
+    assert json.loads(plain.stdout)["warnings"] == [] and "warning" not in plain.stderr
+    help_text = " ".join(cli("harden", "--help").stdout.replace("│", " ").split())
+    assert "--portable uses the runtime's stream, seeded once per process" in help_text
+    assert "fresh OS entropy per run (deployment)" not in help_text
+
+
 def test_dry_run_writes_nothing(model_path, tmp_path):
     res = cli("harden", model_path, "-o", tmp_path / "x.onnx", "--dry-run")
     assert res.returncode == 0 and not (tmp_path / "x.onnx").exists() and "dry run" in res.stdout

@@ -214,6 +214,28 @@ def test_portable_bernoulli_is_unbiased_and_runs_without_the_op():
     assert_strip_restores(m, h, {"x": X16})
 
 
+@pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
+def test_portable_sessions_in_one_process_repeat_the_stream_unless_the_runtime_is_reseeded(mode):
+    """What harden --portable warns about, as ONNX Runtime does it: every new session of the model in one
+    process restarts the same stream (runs within a session differ); onnxruntime.set_seed before each
+    session is the Python way out."""
+    import onnxruntime as ort
+
+    h = harden(dense_with(ACTIVATIONS["relu"][1]), portable=True, mode=mode, samples=3).model.SerializeToString()
+
+    def three_runs():
+        sess = ort.InferenceSession(h, providers=["CPUExecutionProvider"])
+        return np.stack([sess.run(None, {"x": X16})[0] for _ in range(3)])
+
+    first, second = three_runs(), three_runs()
+    assert not np.array_equal(first[0], first[1])  # random within a session
+    np.testing.assert_array_equal(first, second)  # but the same from session to session
+    ort.set_seed(11)
+    reseeded = three_runs()
+    ort.set_seed(12)
+    assert not np.array_equal(reseeded, three_runs())
+
+
 def test_portable_multinomial_keeps_at_most_r():
     m = activation_as_output()
     h = harden(m, portable=True, mode="multinomial", samples=4).model
