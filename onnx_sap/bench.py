@@ -16,7 +16,7 @@ import onnx
 
 from .check import random_feeds
 from .rewrite import HardenOptions, harden_model
-from .runtime import make_session
+from .runtime import make_session, score_output
 
 
 @dataclass
@@ -48,25 +48,27 @@ def _timing(times: list[float], batch: int) -> Timing:
 
 def bench(model: onnx.ModelProto | str, hardened: onnx.ModelProto | str | None = None, *, provider: str = "cpu",
           batches: tuple[int, ...] = (1,), threads: int | None = None, rounds: int = 30, warmup: int = 3,
-          options: HardenOptions | None = None, seed: int = 0) -> list[BenchResult]:
-    """Time model and its hardened version (hardened in memory with `options` when not given)."""
+          options: HardenOptions | None = None, seed: int = 0, output: str | None = None) -> list[BenchResult]:
+    """Time model and its hardened version (hardened in memory with `options` when not given), each
+    run computing its score output (runtime.score_output; `output` names another)."""
     if hardened is None:
         base = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
         hardened = harden_model(base, options or HardenOptions()).model
     orig = make_session(model, provider, threads=threads, spin=False)
     hard = make_session(hardened, provider, threads=threads, spin=False)
+    fetch = [score_output(orig, output)]
     results = []
     for batch in batches:
         feeds = random_feeds(orig, batch=batch, seed=seed)
         for _ in range(warmup):
-            orig.run(None, feeds)
-            hard.run(None, feeds)
+            orig.run(fetch, feeds)
+            hard.run(fetch, feeds)
         t_orig, t_hard = [], []
         for r in range(rounds):
             pair = [(orig, t_orig), (hard, t_hard)]
             for sess, times in (pair if r % 2 == 0 else pair[::-1]):
                 t0 = time.perf_counter()
-                sess.run(None, feeds)
+                sess.run(fetch, feeds)
                 times.append(time.perf_counter() - t0)
         ratios = np.array(t_hard) / np.array(t_orig)
         results.append(BenchResult(batch, _timing(t_orig, batch), _timing(t_hard, batch),

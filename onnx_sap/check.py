@@ -13,7 +13,7 @@ import onnx
 from .errors import OnnxSapError, first_line
 from .rewrite import HardenOptions
 from .sap_nodes import with_deterministic_sap
-from .runtime import NUMPY_TYPES, make_session
+from .runtime import NUMPY_TYPES, as_scores, make_session
 
 @dataclass
 class CheckReport:
@@ -75,6 +75,11 @@ def _deterministic_session(hardened: onnx.ModelProto | str):
         det_path.unlink(missing_ok=True)
 
 
+def _as_array(value) -> np.ndarray:
+    """An output as an array: a ZipMap's sequence of maps (a list in ONNX Runtime) as its scores."""
+    return as_scores(value).astype(np.float32) if isinstance(value, list) else value
+
+
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.float64)
     z = z - z.max(axis=-1, keepdims=True)
@@ -93,6 +98,7 @@ def check_hardened(original: onnx.ModelProto | str, hardened: onnx.ModelProto | 
     names1 = [o.name for o in hard_sess.get_outputs()]
     if names0 != names1:
         raise OnnxSapError(f"hardened outputs {names1} differ from the original's {names0}; please report this")
+    expected, got = [_as_array(v) for v in expected], [_as_array(v) for v in got]
     for name, e, g in zip(names0, expected, got):
         if e.dtype != g.dtype or e.shape != g.shape:
             raise OnnxSapError(f"output {name!r}: hardened gives {g.dtype}{list(g.shape)}, original "
@@ -101,7 +107,7 @@ def check_hardened(original: onnx.ModelProto | str, hardened: onnx.ModelProto | 
         return CheckReport(names0, float("nan"), False,
                            "portable multinomial: r is fixed in the graph, so only names, dtypes and shapes "
                            "were compared")
-    det = _run(_deterministic_session(hardened), feeds, "hardened (deterministic)")
+    det = [_as_array(v) for v in _run(_deterministic_session(hardened), feeds, "hardened (deterministic)")]
     worst = 0.0
     for name, e, g, out in zip(names0, expected, det, orig_sess.get_outputs()):
         ref = e.astype(np.float64)

@@ -306,6 +306,8 @@ def evaluate(
     scheduler: Optional[str] = typer.Option(None, help="Run the shards on Dask: local, local:N (workers) or "
                                                        "tcp://HOST:PORT. Same results as in process."),
     provider: str = typer.Option("cpu", help="cpu or cuda."),
+    output: Optional[str] = typer.Option(None, help="The output holding class scores (default: the float output "
+                                                    "with a class axis, else a ZipMap's probabilities)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write accuracy vs epsilon to this PNG."),
 ) -> None:
@@ -322,7 +324,7 @@ def evaluate(
                           passes=passes, transfer_steps=transfer_steps, spsa_steps=spsa_steps,
                           spsa_pairs=spsa_pairs, spsa_passes=spsa_passes, spsa_delta=spsa_delta,
                           square_iters=square_iters, square_passes=square_passes, limit=limit, seed=seed,
-                          shard_size=shard_size, provider=provider)
+                          shard_size=shard_size, provider=provider, output=output)
     cfg.validate()
     if scheduler is not None:
         parse_scheduler(scheduler)
@@ -368,6 +370,8 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
     rounds: int = typer.Option(30, help="Timed rounds per batch size, after warm-up."),
     mode: str = typer.Option("multinomial", help="SAP mode when hardening in memory."),
+    output: Optional[str] = typer.Option(None, help="The output each run computes (default: the class scores, "
+                                                    "as evaluate picks them)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Latency p50/p90 and throughput, original vs hardened, from interleaved rounds in one run."""
@@ -379,7 +383,7 @@ def bench(
     opts = HardenOptions(mode=mode)
     opts.validate()
     results = bench_api(load_model(model), load_model(hardened) if hardened else None, provider=provider,
-                        batches=tuple(batch), threads=threads, rounds=rounds, options=opts)
+                        batches=tuple(batch), threads=threads, rounds=rounds, options=opts, output=output)
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return

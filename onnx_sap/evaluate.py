@@ -35,7 +35,7 @@ from .distributed import open_executor, parse_scheduler
 from .errors import OnnxSapError, OptionError
 from .metrics import Classifier, expected_calibration_error, score
 from .rewrite import strip_model
-from .runtime import provider_name
+from .runtime import make_session, provider_name, score_output
 from .sap_nodes import has_sap
 
 ATTACKS = ("transfer", "spsa", "square")
@@ -65,6 +65,7 @@ class EvaluateOptions:
     shard_size: int = 32  # examples per shard: the unit of work, of progress and of the random streams
     provider: str = "cpu"
     batch_rows: int = 16384
+    output: str | None = None  # the score output; default: runtime.score_output's choice
 
     def validate(self) -> None:
         """Raise OptionError naming the first bad parameter."""
@@ -207,10 +208,11 @@ def classifier(ref: ModelRef, opts: EvaluateOptions, threads: int | None, sap_se
     """
     proto = _remember(_protos, ref.digest, lambda: onnx.load_from_string(ref.data))
     if ref.stochastic:
-        return Classifier(proto, opts.provider, opts.batch_rows, seed=sap_seed, threads=threads)
+        return Classifier(proto, opts.provider, opts.batch_rows, seed=sap_seed, threads=threads, output=opts.output)
     session = _remember(_sessions, (ref.digest, opts.provider, threads),
-                        lambda: Classifier(proto, opts.provider, opts.batch_rows, threads=threads).session)
-    return Classifier(proto, opts.provider, opts.batch_rows, session=session)
+                        lambda: Classifier(proto, opts.provider, opts.batch_rows, threads=threads,
+                                           output=opts.output).session)
+    return Classifier(proto, opts.provider, opts.batch_rows, session=session, output=opts.output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +343,7 @@ def evaluate(original: onnx.ModelProto | None, hardened: onnx.ModelProto, x: np.
         raise OnnxSapError("the hardened model has no SAP nodes; harden it first (onnx-sap harden)")
     if original is None:
         original, _ = strip_model(hardened)
+    score_output(make_session(original, opts.provider), opts.output)  # a bad output fails here, before any shard
     targets = {"original": ModelRef.of(original), "hardened": ModelRef.of(hardened)}
     progress = progress or EvaluateProgress()
     progress.begin(len(x), "examples")

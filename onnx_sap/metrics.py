@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxSapError
-from .runtime import NUMPY_TYPES, example_file, make_session
+from .runtime import NUMPY_TYPES, as_scores, example_file, make_session, score_output
 from .sap_nodes import has_sap, with_seed
 
 
@@ -34,16 +34,19 @@ def load_data(spec: str | Path, limit: int | None = None) -> tuple[np.ndarray, n
 
 
 class Classifier:
-    """Batched forward passes of an ONNX classifier (first output = logits or log-probabilities)."""
+    """Batched forward passes of an ONNX classifier, read from its score output (runtime.score_output:
+    logits, log-probabilities, probabilities or a ZipMap's probabilities)."""
 
     def __init__(self, model: onnx.ModelProto, provider: str = "cpu", batch_rows: int = 16384,
-                 seed: int | None = None, *, threads: int | None = None, session=None):
+                 seed: int | None = None, *, threads: int | None = None, session=None, output: str | None = None):
         """seed (non-zero) gives the SAP nodes reproducible streams; session, an already open session
-        of model, is used instead of opening one (evaluate keeps deterministic models' sessions)."""
+        of model, is used instead of opening one (evaluate keeps deterministic models' sessions);
+        output names the score output (default: the one score_output picks)."""
         self.stochastic = has_sap(model)
         if self.stochastic and seed:
             model = with_seed(model, seed)
         self.session = session or make_session(model, provider, threads=threads)
+        self.output = score_output(self.session, output)
         inp = self.session.get_inputs()[0]
         self.input = inp.name
         fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
@@ -53,7 +56,9 @@ class Classifier:
         self.queries = 0
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """The first output for every row of x, in float64, run in chunks of at most batch_rows."""
+        """Scores for every row of x in float64, as logits or log-probabilities (probabilities are
+        turned into their logarithm, so that margins and softmax mean the same for every model), run
+        in chunks of at most batch_rows."""
         outs = []
         x = np.asarray(x, dtype=self.dtype)
         for i in range(0, len(x), self.chunk):
@@ -61,9 +66,12 @@ class Classifier:
             n = len(part)
             if self.fixed and n < self.chunk:  # a static batch: pad the last chunk
                 part = np.concatenate([part, np.repeat(part[-1:], self.chunk - n, axis=0)])
-            outs.append(self.session.run(None, {self.input: part})[0][:n])
+            outs.append(as_scores(self.session.run([self.output], {self.input: part})[0])[:n])
         self.queries += len(x)
-        return np.concatenate(outs).astype(np.float64)
+        z = np.concatenate(outs)
+        if z.size and z.min() >= 0 and np.allclose(z.sum(axis=-1), 1.0, atol=1e-3):  # probabilities
+            z = np.log(np.maximum(z, 1e-12))
+        return z
 
 
 def margin(logits: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -7,15 +7,18 @@ drops (model fields, node doc strings, IR < 4 initializer inputs) -> ModelProto.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from . import __version__
 from .errors import OnnxSapError
@@ -325,13 +328,55 @@ def _bypass_region(graph: gs.Graph, nodes: list[gs.Node]) -> None:
 # Model-level bookkeeping around the onnx-graphsurgeon round trip.
 
 
+# onnx-graphsurgeon prints its log lines on stdout (into --json output too). What it warns about here
+# (no colors; sequence/map types it cannot map to NumPy, which _export restores) is handled by us, so
+# only its errors are kept, and those go to stderr.
+G_LOGGER.colors = False
+G_LOGGER.severity = G_LOGGER.ERROR
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """The model as an onnx-graphsurgeon graph, with inferred shapes where inference succeeds."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # shapes are a convenience here (m and r in the plan), not a requirement
         inferred = model
-    return gs.import_onnx(inferred)
+    with contextlib.redirect_stdout(sys.stderr):
+        return gs.import_onnx(inferred)
+
+
+def _has_undefined(t: onnx.TypeProto) -> bool:
+    """Whether t is, or holds, a tensor of UNDEFINED element type."""
+    kind = t.WhichOneof("value")
+    if kind == "tensor_type":
+        return t.tensor_type.elem_type == onnx.TensorProto.UNDEFINED
+    if kind == "sequence_type":
+        return _has_undefined(t.sequence_type.elem_type)
+    if kind == "optional_type":
+        return _has_undefined(t.optional_type.elem_type)
+    if kind == "map_type":
+        return _has_undefined(t.map_type.value_type)
+    return False
+
+
+def _restore_interface(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """The main graph's inputs and outputs exactly as they were (shape inference names unknown dims,
+    and onnx-graphsurgeon exports a sequence of maps, a ZipMap's output, as a sequence of UNDEFINED
+    tensors, which ONNX Runtime refuses to load). In bodies, values of such a type get their original
+    type back, and value_info entries of such a type are dropped (value_info is optional)."""
+    interface = {vi.name: vi for vi in (*original.graph.input, *original.graph.output)}
+    for vi in (*model.graph.input, *model.graph.output):
+        if vi.name in interface:
+            vi.CopyFrom(interface[vi.name])
+    types = {vi.name: vi.type for _, g in iter_graphs(original.graph) for vi in (*g.input, *g.output, *g.value_info)}
+    for _, g in iter_graphs(model.graph):
+        for vi in (*g.input, *g.output):
+            if _has_undefined(vi.type) and vi.name in types:
+                vi.type.CopyFrom(types[vi.name])
+        kept = [vi for vi in g.value_info if not _has_undefined(vi.type)]
+        if len(kept) != len(g.value_info):
+            del g.value_info[:]
+            g.value_info.extend(kept)
 
 
 def _node_doc_strings(graph: onnx.GraphProto) -> dict[str, str]:
@@ -345,7 +390,9 @@ def _restore_doc_strings(graph: onnx.GraphProto, docs: dict[str, str]) -> None:
 
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, provenance: dict | None) -> onnx.ModelProto:
-    model = gs.export_onnx(graph, do_type_check=False)
+    with contextlib.redirect_stdout(sys.stderr):
+        model = gs.export_onnx(graph, do_type_check=False)
+    _restore_interface(model, original)
     for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, f, getattr(original, f))
     del model.opset_import[:]
@@ -405,8 +452,8 @@ def harden_model(model: onnx.ModelProto, options: HardenOptions | None = None) -
     plan, chosen = make_plan(graph, options)
     plan.existing = existing
     if not plan.sites:
-        raise OnnxSapError("no activations found (Relu, Clip, Gelu, SiLU, ...): nothing to harden; "
-                           "`onnx-sap inspect` lists what is recognised")
+        raise OnnxSapError("no activations found (Relu, Clip, Gelu, SiLU, ...; a linear model has none): nothing to "
+                           "harden; `onnx-sap inspect` lists what is recognised")
     if not chosen:
         reasons = "; ".join(sorted({s.reason for s in plan.sites}))
         raise OnnxSapError(f"all {len(plan.sites)} activation sites are excluded ({reasons}); "

@@ -29,6 +29,50 @@ NUMPY_TYPES = {
 }
 
 
+def _is_float_tensor(type_name: str) -> bool:
+    return type_name in ("tensor(float)", "tensor(double)", "tensor(float16)")
+
+
+def _is_zipmap(type_name: str) -> bool:
+    return type_name.startswith("seq(map(") and type_name.endswith(",tensor(float)))")
+
+
+def score_output(session, name: str | None = None) -> str:
+    """The output of a classifier session that holds its class scores: `name` when given, else the
+    first float output with a class axis (logits, log-probabilities or probabilities), else the
+    probabilities of a ZipMap (a sequence of maps, as scikit-learn's exporter writes by default).
+    A label output (int64) is never it."""
+    outputs = session.get_outputs()
+    listing = ", ".join(f"{o.name} ({o.type})" for o in outputs)
+    if name is not None:
+        found = next((o for o in outputs if o.name == name), None)
+        if found is None:
+            raise OnnxSapError(f"--output {name}: the model has no such output; its outputs: {listing}")
+        if not (_is_float_tensor(found.type) or _is_zipmap(found.type)):
+            raise OnnxSapError(f"--output {name} is {found.type}; give a float output of class scores or a "
+                               f"ZipMap's probabilities (outputs: {listing})")
+        return name
+    for o in outputs:
+        if _is_float_tensor(o.type) and len(o.shape) >= 2:
+            return o.name
+    for o in outputs:
+        if _is_zipmap(o.type):
+            return o.name
+    raise OnnxSapError(f"no output holds class scores (a float output with a class axis or a ZipMap's "
+                       f"probabilities) among {listing}; name one with --output NAME")
+
+
+def as_scores(value) -> np.ndarray:
+    """A score output's value as a float64 array [rows, classes]: a ZipMap's sequence of maps
+    becomes one column per class, in the maps' key order (the classes' order in the model)."""
+    if isinstance(value, list):
+        if not value:
+            return np.zeros((0, 0))
+        keys = list(value[0])
+        return np.array([[row[k] for k in keys] for row in value], dtype=np.float64)
+    return np.asarray(value, dtype=np.float64)
+
+
 def installed_file(relative: str) -> Path | None:
     """A file installed inside the onnx_sap package by the build (op library, example data).
 

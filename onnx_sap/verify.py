@@ -144,10 +144,10 @@ def verify(model: onnx.ModelProto | str | Path, *, provider: str = "cpu", runs: 
         finally:
             tapped.unlink(missing_ok=True)
     feeds = feeds if feeds is not None else random_feeds(sess, batch=4, seed=seed)
-    names = [o.name for o in sess.get_outputs()]
+    names = list(dict.fromkeys(taps))  # only the tapped tensors: the model's own outputs may be maps
     captured: dict[str, list[np.ndarray]] = {t: [] for t in taps}
     for call in range(runs_needed):
-        outs = dict(zip(names, sess.run(None, feeds)))
+        outs = dict(zip(names, sess.run(names, feeds)))
         for t in taps:
             captured[t].append(outs[t])
     reports = []
