@@ -11,7 +11,7 @@ need=()
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 [ -x .venv/bin/python ] || bash scripts/setup.sh
 (cd tests/web && npm ci --no-audit --no-fund --loglevel=error)
