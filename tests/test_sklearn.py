@@ -20,6 +20,7 @@ from onnx_sap.api import harden, strip
 from onnx_sap.bench import bench
 from onnx_sap.errors import OnnxSapError
 from onnx_sap.evaluate import EvaluateOptions, evaluate
+from onnx_sap.metrics import Classifier, softmax
 from onnx_sap.runtime import as_scores, score_output
 from onnx_sap.verify import verify
 
@@ -74,6 +75,14 @@ def test_score_output_is_the_probabilities_never_the_label(exported, zipmap):
             score_output(sess, label)
         with pytest.raises(OnnxSapError, match="no such output"):
             score_output(sess, "logits")
+
+
+@pytest.mark.parametrize("zipmap", [True, False], ids=["zipmap", "tensor"])
+def test_probabilities_are_scored_as_their_log_in_class_order(exported, digits, zipmap):
+    clf, original = exported["logreg", zipmap]
+    x = digits[0][1400:1450]
+    z = Classifier(original).logits(x)
+    np.testing.assert_allclose(softmax(z), clf.predict_proba(x), atol=1e-4)
 
 
 @pytest.mark.parametrize("zipmap", [True, False], ids=["zipmap", "tensor"])

@@ -115,9 +115,9 @@ def page(browser):
     return p
 
 
-def browser_runs(page, name: str, x: np.ndarray, runs: int, session: int | None = None) -> np.ndarray:
-    """runs runs of /models/NAME on x in this page: [runs, N, classes]."""
-    sid = page.evaluate("n => sap.open(n)", f"{name}.onnx") if session is None else session
+def browser_runs(page, name: str, x: np.ndarray, runs: int) -> np.ndarray:
+    """runs runs of a new session of /models/NAME on x in this page: [runs, N, classes]."""
+    sid = page.evaluate("n => sap.open(n)", f"{name}.onnx")
     out = page.evaluate("([id, d, s, k]) => sap.run(id, d, s, k)", [sid, x.ravel().tolist(), list(x.shape), runs])
     return np.asarray(out, dtype=np.float64).reshape(runs, len(x), -1)
 
@@ -134,7 +134,8 @@ def test_deterministic_models_give_python_outputs(page, models, digits, name):
     # Within 1e-5 relative to the logit (absolute below 1): float32 kernels differ by a few ulps.
     rel = float((np.abs(web - py) / np.maximum(1.0, np.abs(py))).max())
     FIGURES[name] = (f"accuracy Python {np.mean(py.argmax(1) == y):.2%}, browser {np.mean(web.argmax(1) == y):.2%}; "
-                     f"max |diff| {np.abs(web - py).max():.1e} (relative {rel:.1e}, logits up to {np.abs(py).max():.0f})")
+                     f"max |diff| {np.abs(web - py).max():.1e} (relative {rel:.1e}, "
+                     f"logits up to {np.abs(py).max():.0f})")
     assert rel <= 1e-5, f"{name}: browser and Python differ by {rel:.2e} relative"
     np.testing.assert_array_equal(web.argmax(1), py.argmax(1))
 
@@ -152,7 +153,8 @@ def test_stochastic_accuracy_matches_python_within_sampling_error(page, models, 
     # Binomial over all runs x examples bounds the run-to-run variance from above (fixed examples).
     p = (acc_web + acc_py) / 2
     tolerance = 4 * math.sqrt(2 * p * (1 - p) / (runs * len(y)))
-    FIGURES[name] = f"accuracy Python {acc_py:.2%}, browser {acc_web:.2%} (mean of {runs} runs; 4 sigma {tolerance:.2%})"
+    FIGURES[name] = (f"accuracy Python {acc_py:.2%}, browser {acc_web:.2%} "
+                     f"(mean of {runs} runs; 4 sigma {tolerance:.2%})")
     assert abs(acc_web - acc_py) <= tolerance
 
 
