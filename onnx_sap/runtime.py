@@ -122,6 +122,25 @@ def has_cuda_kernels() -> bool:
     return bool(_library().onnx_sap_has_cuda())
 
 
+CPU_ISA_LEVELS = ("scalar", "avx2", "avx512")  # the library's level numbers 0, 1, 2
+
+
+def cpu_isa_levels() -> list[str]:
+    """The CPU kernel's instruction-set levels this build and this CPU can run, slowest first.
+
+    Sessions use the last one unless the environment variable ``ONNX_SAP_ISA`` names another when
+    the session is created (a level this CPU lacks makes session creation fail).
+    """
+    lib = _library()
+    return [name for level, name in enumerate(CPU_ISA_LEVELS) if lib.onnx_sap_cpu_isa_available(level)]
+
+
+def last_cpu_isa() -> str | None:
+    """The level the most recent CPU run of the op used in this process (None before any)."""
+    level = _library().onnx_sap_cpu_isa_last()
+    return CPU_ISA_LEVELS[level] if level >= 0 else None
+
+
 def provider_name(provider: str) -> str:
     """Map ``cpu``/``cuda`` (or a full ONNX Runtime provider name) to the provider name."""
     name = _PROVIDER_NAMES.get(provider.lower(), provider)

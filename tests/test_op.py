@@ -9,6 +9,7 @@ import pytest
 from helpers import assert_matches_reference, sap_model
 
 from onnx_sap import make_session, reference
+from onnx_sap.runtime import CPU_ISA_LEVELS, cpu_isa_levels, last_cpu_isa
 
 CASES = [
     # shape, axis, dtype, mode, seed, stream
@@ -36,15 +37,88 @@ def _input(shape, dtype, seed=0):
     return x.astype(dtype)
 
 
+@pytest.fixture(params=CPU_ISA_LEVELS)
+def isa(request, monkeypatch):
+    """Each CPU instruction-set level this machine runs, forced with ONNX_SAP_ISA (read when a
+    session creates its kernels); _run checks that the forced level is the one that ran."""
+    if request.param not in cpu_isa_levels():
+        pytest.skip(f"this CPU (or build) lacks the {request.param} level")
+    monkeypatch.setenv("ONNX_SAP_ISA", request.param)
+    return request.param
+
+
+def _run(sess, x, isa):
+    y = sess.run(None, {"x": x})[0]
+    assert last_cpu_isa() == isa
+    return y
+
+
 @pytest.mark.parametrize("shape, axis, dtype, mode, seed, stream", CASES)
 @pytest.mark.parametrize("r_attrs", [{}, {"ratio": 0.3}, {"samples": 17}])
-def test_op_matches_reference(shape, axis, dtype, mode, seed, stream, r_attrs):
+def test_op_matches_reference(shape, axis, dtype, mode, seed, stream, r_attrs, isa):
     attrs = dict(mode=mode, axis=axis, seed=seed, stream=stream, **r_attrs)
     sess = make_session(sap_model(dtype, **attrs))
     x = _input(shape, dtype, seed)
     for call in range(3):  # the n-th run of a session is the reference's call n
-        y = sess.run(None, {"x": x})[0]
+        y = _run(sess, x, isa)
         assert_matches_reference(y, x, call=call, **attrs)
+
+
+def _edge_input(kind, dtype):
+    rng = np.random.default_rng(len(kind))
+    if kind == "tails":  # lengths that are no multiple of any vector width or chunk
+        x = rng.standard_normal((3, 2 * 16384 + 67))
+    elif kind == "zero rows":
+        x = rng.standard_normal((4, 1000))
+        x[1] = 0
+        x[3] = -0.0
+    elif kind == "mostly zeros":  # whole runs of zeros as well as scattered ones
+        x = rng.standard_normal((2, 20000))
+        x[rng.random(x.shape) < 0.95] = 0
+        x[:, 640:5000] = 0
+    elif kind == "tiny p":  # one element dominates: the others' p is ~1e-30, and one is near underflow
+        x = np.abs(rng.standard_normal((2, 3000)))
+        x[:, 100] = 1e30 if dtype == np.float32 else 6e4
+        x[:, 200] = 1e-35 if dtype == np.float32 else 1e-7
+    else:
+        raise ValueError(kind)
+    return np.maximum(x, 0).astype(dtype) if kind != "tails" else x.astype(dtype)
+
+
+@pytest.mark.parametrize("kind", ["tails", "zero rows", "mostly zeros", "tiny p"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
+def test_edge_cases_match_reference_at_every_level(kind, dtype, mode, isa):
+    attrs = dict(mode=mode, seed=31, stream=2)
+    x = _edge_input(kind, dtype)
+    y = _run(make_session(sap_model(dtype, **attrs)), x, isa)
+    assert_matches_reference(y, x, call=0, **attrs)
+
+
+@pytest.mark.parametrize("r_attrs", [{"samples": 2**31 - 1}, {"ratio": 5000.0}, {"samples": 1}])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_huge_and_tiny_r_match_reference_at_every_level(r_attrs, dtype, isa):
+    attrs = dict(mode="bernoulli", seed=32, **r_attrs)
+    x = _input((3, 4000), dtype, 3)
+    y = _run(make_session(sap_model(dtype, **attrs)), x, isa)
+    assert_matches_reference(y, x, call=0, **attrs)
+
+
+def test_default_level_is_the_best_this_cpu_has(monkeypatch):
+    monkeypatch.delenv("ONNX_SAP_ISA", raising=False)
+    make_session(sap_model(seed=1)).run(None, {"x": np.ones((1, 8), np.float32)})
+    assert last_cpu_isa() == cpu_isa_levels()[-1]
+
+
+def test_unknown_or_missing_level_fails_at_session_creation(monkeypatch):
+    monkeypatch.setenv("ONNX_SAP_ISA", "sse9")
+    with pytest.raises(Exception, match="ONNX_SAP_ISA must be scalar, avx2 or avx512"):
+        make_session(sap_model(seed=1))
+    missing = [level for level in CPU_ISA_LEVELS if level not in cpu_isa_levels()]
+    if missing:
+        monkeypatch.setenv("ONNX_SAP_ISA", missing[0])
+        with pytest.raises(Exception, match=f"ONNX_SAP_ISA={missing[0]}, but this CPU"):
+            make_session(sap_model(seed=1))
 
 
 def test_sessions_restart_the_call_counter_and_streams_differ():
@@ -68,13 +142,13 @@ def test_seed_zero_draws_fresh_entropy_every_run_and_session():
 
 
 @pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
-def test_nonfinite_and_zero_examples_pass_through(mode):
+def test_nonfinite_and_zero_examples_pass_through(mode, isa):
     x = _input((5, 64), np.float32)
     x[0, 3] = np.nan
     x[1, 0] = np.inf
     x[2, 7] = -np.inf
     x[3] = 0
-    y = make_session(sap_model(mode=mode, seed=3)).run(None, {"x": x})[0]
+    y = _run(make_session(sap_model(mode=mode, seed=3)), x, isa)
     np.testing.assert_array_equal(y[:4], x[:4])  # NaN positions compare equal here
     assert np.all(np.isfinite(y[4]))
     assert_matches_reference(y, x, call=0, mode=mode, seed=3)
@@ -88,11 +162,11 @@ def test_empty_tensors(shape):
 
 
 @pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
-def test_huge_magnitudes_sum_in_float64(mode):
+def test_huge_magnitudes_sum_in_float64(mode, isa):
     # The float32 sum of |x| would overflow; SPEC.md sums in float64, so SAP still acts.
     x = np.full((2, 100), 1e37, np.float32)
     x[1, ::2] = -3e36
-    y = make_session(sap_model(mode=mode, seed=8)).run(None, {"x": x})[0]
+    y = _run(make_session(sap_model(mode=mode, seed=8)), x, isa)
     assert np.all(np.isfinite(y)) and (y == 0).any()
     assert_matches_reference(y, x, call=0, mode=mode, seed=8)
 
@@ -132,11 +206,11 @@ def test_axis_past_rank_fails_at_first_run():
         sess.run(None, {"x": np.ones((2, 3), np.float32)})
 
 
-def test_the_largest_samples_runs():
+def test_the_largest_samples_runs(isa):
     # Bernoulli: the multinomial stream of 2^31 variates per example is too slow for a test.
     attrs = dict(mode="bernoulli", samples=reference.MAX_SAMPLES, seed=4)
     x = _input((4096, 1), np.float32)
-    y = make_session(sap_model(**attrs)).run(None, {"x": x})[0]
+    y = _run(make_session(sap_model(**attrs)), x, isa)
     assert_matches_reference(y, x, call=0, **attrs)
 
 
@@ -160,14 +234,14 @@ def test_huge_ratio_clamps_r_instead_of_zeroing(ratio):
 
 
 @pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
-def test_survivors_saturate_in_float16(mode):
+def test_survivors_saturate_in_float16(mode, isa):
     # A survivor reaches about x + S / r = 80000 here: beyond float16's 65504.
     attrs = dict(mode=mode, samples=1, seed=12)
     x = np.random.default_rng(3).uniform(0, 40, (2, 4096)).astype(np.float16)
     sess = make_session(sap_model(np.float16, **attrs))
     saturated = 0
     for call in range(20):
-        y = sess.run(None, {"x": x})[0]
+        y = _run(sess, x, isa)
         assert np.all(np.isfinite(y))
         saturated += int(np.sum(np.abs(y) == np.finfo(np.float16).max))
         assert_matches_reference(y, x, call=call, **attrs)
@@ -175,11 +249,11 @@ def test_survivors_saturate_in_float16(mode):
 
 
 @pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
-def test_survivors_saturate_in_float32_with_their_sign(mode):
+def test_survivors_saturate_in_float32_with_their_sign(mode, isa):
     attrs = dict(mode=mode, samples=1, seed=13)
     x = np.full((8, 16), 3e38, np.float32)
     x[:, ::2] *= -1
-    y = make_session(sap_model(**attrs)).run(None, {"x": x})[0]
+    y = _run(make_session(sap_model(**attrs)), x, isa)
     top = np.finfo(np.float32).max
     kept = y != 0
     assert kept.any()

@@ -1,15 +1,11 @@
-// CPU driver: the three phases of sap_math.h, each a parallel-for over ONNX Runtime's intra-op pool.
+// CPU driver: picks the instruction-set level, and runs the portable scalar level (the reference
+// path on CPUs without AVX2): the three phases of sap_phases.h, each a parallel-for over ONNX
+// Runtime's intra-op pool. The SIMD levels live in sap_cpu_simd.h.
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "sap_kernels.h"
-
-// The hot loops are written to vectorize; x86-64 builds get an AVX2+FMA clone picked at load time,
-// since the baseline (SSE2) cannot vectorize the 64-bit integer and select operations they use.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define SAP_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SAP_CPU_CLONES
-#endif
 
 namespace onnx_sap {
 namespace {
@@ -22,7 +18,7 @@ struct CpuCall {
   double* scratch;
   const StreamKey* key;
 
-  SAP_CPU_CLONES static void partial(void* self, size_t t) {
+  static void partial(void* self, size_t t) {
     auto* c = static_cast<CpuCall*>(self);
     partial_sum_task(*c->layout, c->x, c->scratch, *c->key, static_cast<int64_t>(t));
   }
@@ -30,35 +26,87 @@ struct CpuCall {
     auto* c = static_cast<CpuCall*>(self);
     prefix_task(*c->layout, c->scratch, static_cast<int64_t>(n));
   }
-  SAP_CPU_CLONES static void apply(void* self, size_t t) {
+  static void apply(void* self, size_t t) {
     auto* c = static_cast<CpuCall*>(self);
     apply_task(*c->layout, c->x, c->y, c->scratch, *c->key, static_cast<int64_t>(t));
   }
 };
 
 template <typename T>
-void run_typed(const T* x, T* y, const Layout& layout, const StreamKey& key, ParallelForFn pfor, void* runner) {
-  // Scratch is a few doubles per chunk, not per element.
-  std::vector<double> scratch(static_cast<size_t>(layout.scratch_doubles()), 0.0);
-  CpuCall<T> call{&layout, x, y, scratch.data(), &key};
+void run_scalar(const T* x, T* y, const Layout& layout, const StreamKey& key, double* scratch, ParallelForFn pfor,
+                void* runner) {
+  CpuCall<T> call{&layout, x, y, scratch, &key};
   pfor(runner, &CpuCall<T>::partial, static_cast<size_t>(layout.partial_tasks()), &call);
   pfor(runner, &CpuCall<T>::prefix, static_cast<size_t>(layout.examples), &call);
   pfor(runner, &CpuCall<T>::apply, static_cast<size_t>(layout.apply_tasks()), &call);
 }
 
+constexpr const char* kIsaNames[kIsaLevels] = {"scalar", "avx2", "avx512"};
+
+bool cpu_has(Isa isa) {
+#if defined(ONNX_SAP_WITH_X86_SIMD)
+  __builtin_cpu_init();
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+  switch (isa) {
+    case Isa::kScalar: return true;
+    case Isa::kAvx2: return v3;
+    case Isa::kAvx512:
+      return v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  }
+  return false;
+#else
+  return isa == Isa::kScalar;  // no SIMD levels in this build (not x86-64)
+#endif
+}
+
 }  // namespace
 
-void run_cpu(DType dtype, const void* x, void* y, const Layout& layout, const StreamKey& key, ParallelForFn pfor,
-             void* runner) {
+const char* isa_name(Isa isa) { return kIsaNames[static_cast<int>(isa)]; }
+
+bool isa_available(Isa isa) { return cpu_has(isa); }
+
+const char* choose_isa(Isa* isa) {
+  const char* forced = std::getenv("ONNX_SAP_ISA");
+  if (forced == nullptr || *forced == '\0') {
+    *isa = isa_available(Isa::kAvx512) ? Isa::kAvx512 : isa_available(Isa::kAvx2) ? Isa::kAvx2 : Isa::kScalar;
+    return nullptr;
+  }
+  for (int i = 0; i < kIsaLevels; ++i) {
+    if (std::strcmp(forced, kIsaNames[i]) != 0) continue;
+    if (!isa_available(static_cast<Isa>(i))) {
+      return i == static_cast<int>(Isa::kAvx512)
+                 ? "ONNX_SAP_ISA=avx512, but this CPU (or build) lacks AVX-512 F/DQ/BW/VL; set it to avx2 or "
+                   "scalar, or unset it"
+                 : "ONNX_SAP_ISA=avx2, but this CPU (or build) lacks AVX2/FMA/F16C/BMI2; set it to scalar, or "
+                   "unset it";
+    }
+    *isa = static_cast<Isa>(i);
+    return nullptr;
+  }
+  return "ONNX_SAP_ISA must be scalar, avx2 or avx512 (or unset: the best level this CPU has)";
+}
+
+void run_cpu(Isa isa, DType dtype, const void* x, void* y, const Layout& layout, const StreamKey& key,
+             ParallelForFn pfor, void* runner) {
+  // Scratch is a few doubles per chunk, not per element.
+  std::vector<double> scratch(static_cast<size_t>(layout.scratch_doubles()), 0.0);
+#if defined(ONNX_SAP_WITH_X86_SIMD)
+  if (isa == Isa::kAvx512) return run_cpu_avx512(dtype, x, y, layout, key, scratch.data(), pfor, runner);
+  if (isa == Isa::kAvx2) return run_cpu_avx2(dtype, x, y, layout, key, scratch.data(), pfor, runner);
+#else
+  (void)isa;
+#endif
   switch (dtype) {
     case DType::kFloat32:
-      run_typed(static_cast<const float*>(x), static_cast<float*>(y), layout, key, pfor, runner);
+      run_scalar(static_cast<const float*>(x), static_cast<float*>(y), layout, key, scratch.data(), pfor, runner);
       break;
     case DType::kFloat64:
-      run_typed(static_cast<const double*>(x), static_cast<double*>(y), layout, key, pfor, runner);
+      run_scalar(static_cast<const double*>(x), static_cast<double*>(y), layout, key, scratch.data(), pfor, runner);
       break;
     case DType::kFloat16:
-      run_typed(static_cast<const Half*>(x), static_cast<Half*>(y), layout, key, pfor, runner);
+      run_scalar(static_cast<const Half*>(x), static_cast<Half*>(y), layout, key, scratch.data(), pfor, runner);
       break;
   }
 }

@@ -198,9 +198,22 @@ void ort_parallel_for(void* runner, void (*fn)(void*, size_t), size_t total, voi
   static_cast<Ort::KernelContext*>(runner)->ParallelFor(fn, total, 0, ctx);
 }
 
+// The CPU level of the most recent CPU call (-1 before any), so that tests can prove which level ran.
+std::atomic<int> g_last_cpu_isa{-1};
+
+Isa cpu_isa_or_throw(const std::string& node) {
+  Isa isa = Isa::kScalar;
+  if (const char* error = choose_isa(&isa)) {
+    throw Ort::Exception(std::string(kOpType) + " node '" + node + "': " + error, ORT_INVALID_ARGUMENT);
+  }
+  return isa;
+}
+
 class SapKernel {
  public:
-  SapKernel(Attributes attrs, bool cuda) : attrs_(std::move(attrs)), cuda_(cuda) {}
+  // The CPU level is fixed when the session creates the kernel (ONNX_SAP_ISA is read then).
+  SapKernel(Attributes attrs, bool cuda)
+      : attrs_(std::move(attrs)), cuda_(cuda), isa_(cuda ? Isa::kScalar : cpu_isa_or_throw(attrs_.node)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
     try {
@@ -247,7 +260,8 @@ class SapKernel {
     if (!cuda_) {
       const Layout layout = layout_for(examples, m, r, kCpuChunk, kCpuVarChunk);
       check_host_scratch(layout);
-      run_cpu(dtype, x, y, layout, key, &ort_parallel_for, &ctx);
+      run_cpu(isa_, dtype, x, y, layout, key, &ort_parallel_for, &ctx);
+      g_last_cpu_isa.store(static_cast<int>(isa_), std::memory_order_relaxed);
       return;
     }
 #ifdef ONNX_SAP_WITH_CUDA
@@ -298,6 +312,7 @@ class SapKernel {
 
   Attributes attrs_;
   bool cuda_;
+  Isa isa_;
   std::atomic<uint64_t> calls_{0};
 };
 
@@ -399,3 +414,17 @@ SAP_EXPORT int onnx_sap_has_cuda(void) {
   return 0;
 #endif
 }
+
+// CPU instruction-set levels (queried from Python with ctypes): whether level i (0 scalar, 1 avx2,
+// 2 avx512) can run here, its name, and the level of the most recent CPU call (-1 before any).
+SAP_EXPORT int onnx_sap_cpu_isa_available(int level) {
+  using namespace onnx_sap;
+  return level >= 0 && level < kIsaLevels && isa_available(static_cast<Isa>(level)) ? 1 : 0;
+}
+
+SAP_EXPORT const char* onnx_sap_cpu_isa_name(int level) {
+  using namespace onnx_sap;
+  return level >= 0 && level < kIsaLevels ? isa_name(static_cast<Isa>(level)) : "";
+}
+
+SAP_EXPORT int onnx_sap_cpu_isa_last(void) { return onnx_sap::g_last_cpu_isa.load(std::memory_order_relaxed); }

@@ -1,0 +1,274 @@
+// The CPU's SIMD levels: one source, compiled once per instruction set by a one-line translation
+// unit (sap_cpu_avx2.cc, sap_cpu_avx512.cc) whose compiler flags CMake sets; the scalar level in
+// sap_cpu.cc stays the reference path. Everything here has internal linkage, so that no function
+// compiled for one level can be picked by the linker for another (the shared math of sap_math.h is
+// always inlined).
+//
+// float32 and float16 data in bernoulli mode take float32 arithmetic (SPEC.md, Equivalence):
+// Philox4x32-10 over 16 blocks at a time in vector lanes, q = -expm1(r * log1p(-p)) by float32
+// polynomials, one pass writing y. The error budget, in units of 2^-24 relative: a * r/S (0.5, with
+// r/S held as two floats), the log1p series and the fma (0.5), expm1 (about 1; dq/q <= dz/z), x / q
+// (0.5): 2.5 in all, inside SPEC.md's 4 ulps of T. Blocks the float32 path cannot serve that well (some
+// p >= 1/256, where the series is not enough, or a * r/S near float32's underflow) and float64 data
+// take sap_math.h's float64 code, auto-vectorized for this level.
+#pragma once
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "sap_cpu_simd.h needs at least -mavx2 -mfma -mf16c"
+#endif
+#ifndef SAP_SIMD_ENTRY
+#error "define SAP_SIMD_ENTRY to the level's entry point before including sap_cpu_simd.h"
+#endif
+
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "sap_kernels.h"
+
+namespace onnx_sap {
+namespace {
+
+SAP_HD float float_of(uint32_t b) {
+  float f;
+  memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+// Vectors of 64-bit lanes, each holding one 32-bit word of one Philox block: the 32x32->64
+// products are then one vpmuludq each (even lanes, which is all of them).
+#if defined(__AVX512F__)
+using VecU64 = __m512i;
+constexpr int kU64Lanes = 8;
+SAP_HD VecU64 set1(uint64_t v) { return _mm512_set1_epi64(static_cast<long long>(v)); }
+SAP_HD VecU64 mul32(VecU64 a, VecU64 b) { return _mm512_mul_epu32(a, b); }
+SAP_HD VecU64 high32(VecU64 a) { return _mm512_srli_epi64(a, 32); }
+SAP_HD VecU64 xor3(VecU64 a, VecU64 b, VecU64 c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }
+SAP_HD VecU64 add(VecU64 a, VecU64 b) { return _mm512_add_epi64(a, b); }
+SAP_HD VecU64 pack_pair(VecU64 lo, VecU64 hi) { return _mm512_or_si512(_mm512_and_si512(lo, set1(0xFFFFFFFFu)), _mm512_slli_epi64(hi, 32)); }
+// Writes blocks' (c0|c1<<32, c2|c3<<32) pairs in stream order: 4 words per block.
+SAP_HD void store_words(uint32_t* w, VecU64 a, VecU64 b) {
+  const __m512i lo = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), b);
+  const __m512i hi = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15), b);
+  _mm512_storeu_si512(w, lo);
+  _mm512_storeu_si512(w + 16, hi);
+}
+#else
+using VecU64 = __m256i;
+constexpr int kU64Lanes = 4;
+SAP_HD VecU64 set1(uint64_t v) { return _mm256_set1_epi64x(static_cast<long long>(v)); }
+SAP_HD VecU64 mul32(VecU64 a, VecU64 b) { return _mm256_mul_epu32(a, b); }
+SAP_HD VecU64 high32(VecU64 a) { return _mm256_srli_epi64(a, 32); }
+SAP_HD VecU64 xor3(VecU64 a, VecU64 b, VecU64 c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+SAP_HD VecU64 add(VecU64 a, VecU64 b) { return _mm256_add_epi64(a, b); }
+SAP_HD VecU64 pack_pair(VecU64 lo, VecU64 hi) { return _mm256_blend_epi32(lo, _mm256_slli_epi64(hi, 32), 0xAA); }
+SAP_HD void store_words(uint32_t* w, VecU64 a, VecU64 b) {
+  const __m256i t0 = _mm256_unpacklo_epi64(a, b), t1 = _mm256_unpackhi_epi64(a, b);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w), _mm256_permute2x128_si256(t0, t1, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + 8), _mm256_permute2x128_si256(t0, t1, 0x31));
+}
+#endif
+
+// The 32-bit words of kBlock consecutive stream positions from position 4 * first_block: Philox4x32-10
+// on kBlock / 4 blocks at once (uniform_run's generator, without the conversion to float64). Only the
+// low 32 bits of each lane are meaningful between rounds: vpmuludq and the final packing ignore the rest.
+SAP_HD void philox_words(const StreamKey& key, uint64_t first_block, uint32_t n, uint32_t w[kBlock]) {
+  constexpr int V = kBlock / 4 / kU64Lanes;
+  alignas(64) uint64_t blocks[kBlock / 4];
+  for (int l = 0; l < kBlock / 4; ++l) blocks[l] = first_block + static_cast<uint64_t>(l);
+  VecU64 c0[V], c1[V], c2[V], c3[V];
+  for (int v = 0; v < V; ++v) {
+    VecU64 b;
+    memcpy(&b, blocks + v * kU64Lanes, sizeof b);
+    c0[v] = b;  // the high half is ignored
+    c1[v] = high32(b);
+    c2[v] = set1(n);
+    c3[v] = set1(key.call);
+  }
+  const VecU64 m0 = set1(0xD2511F53u), m1 = set1(0xCD9E8D57u);
+  VecU64 k0 = set1(key.k0), k1 = set1(key.k1);
+  const VecU64 w0 = set1(0x9E3779B9u), w1 = set1(0xBB67AE85u);
+  for (int round = 0; round < 10; ++round) {
+    for (int v = 0; v < V; ++v) {
+      const VecU64 p0 = mul32(c0[v], m0), p1 = mul32(c2[v], m1);
+      c0[v] = xor3(high32(p1), c1[v], k0);
+      c2[v] = xor3(high32(p0), c3[v], k1);
+      c1[v] = p1;  // low halves are the products' low words
+      c3[v] = p0;
+    }
+    k0 = add(k0, w0);  // the carry out of bit 31 lands in the ignored high half
+    k1 = add(k1, w1);
+  }
+  for (int v = 0; v < V; ++v) store_words(w + 4 * kU64Lanes * v, pack_pair(c0[v], c1[v]), pack_pair(c2[v], c3[v]));
+}
+
+// -expm1(-z) for z >= 0 in float32: -z = k ln2 + f with |f| <= ln2/2, expm1(f) by its Taylor series
+// to f^8 (truncation below 2^-27 relative), then 1 - 2^k (1 + expm1(f)) = (1 - 2^k) - 2^k expm1(f),
+// whose first term is exact, so nothing cancels for small z (k = 0 there).
+SAP_HD float neg_expm1f(float z) {
+  const float zc = z < 87.0f ? z : 87.0f;  // q rounds to 1 long before; keeps 2^k normal
+  const float shifter = 12582912.0f;       // 1.5 * 2^23: adding it rounds to an integer
+  const float kf = (zc * -1.44269504f + shifter) - shifter;
+  float f = __builtin_fmaf(kf, -0.693145751953125f, -zc);  // ln2's high part: k * it is exact
+  f = __builtin_fmaf(kf, -1.428606765330187e-06f, f);
+  float e = 1.0f / 40320;
+  e = __builtin_fmaf(e, f, 1.0f / 5040);
+  e = __builtin_fmaf(e, f, 1.0f / 720);
+  e = __builtin_fmaf(e, f, 1.0f / 120);
+  e = __builtin_fmaf(e, f, 1.0f / 24);
+  e = __builtin_fmaf(e, f, 1.0f / 6);
+  e = __builtin_fmaf(e, f, 0.5f);
+  const float em = __builtin_fmaf(e * f, f, f);
+  const float two_k = float_of(static_cast<uint32_t>(static_cast<int32_t>(kf) + 127) << 23);
+  return __builtin_fmaf(-two_k, em, 1.0f - two_k);
+}
+
+// Loads and stores of a run of len <= kBlock elements as float32; the rest of the run is zero.
+SAP_HD void load_run(const float* x, int len, float* xs) {
+  for (int i = 0; i < kBlock; ++i) xs[i] = i < len ? x[i] : 0.0f;
+}
+SAP_HD void load_run(const Half* x, int len, float* xs) {
+  int i = 0;
+  for (; i + 8 <= len; i += 8) {
+    _mm256_storeu_ps(xs + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  }
+  for (; i < len; ++i) xs[i] = half_bits_to_float(x[i].bits);
+  for (; i < kBlock; ++i) xs[i] = 0.0f;
+}
+SAP_HD void store_run(float* y, int len, const float* v) {
+  for (int i = 0; i < len; ++i) y[i] = v[i];
+}
+SAP_HD void store_run(Half* y, int len, const float* v) {
+  int i = 0;
+  for (; i + 8 <= len; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < len; ++i) y[i].bits = double_to_half_bits(v[i]);
+}
+
+// Bernoulli mode on elements [begin, end) of one example (begin a multiple of kBlock), float32 math.
+template <typename T>
+void bernoulli_range_f32(const T* x, T* y, int64_t begin, int64_t end, double sum, double r, const StreamKey& key,
+                         uint32_t n) {
+  const double inv_sum_d = 1.0 / sum, rs_d = r / sum;
+  if (!(inv_sum_d > 1e-30 && inv_sum_d < 1e30 && rs_d > 1e-30 && rs_d < 1e30)) {
+    bernoulli_range(x, y, begin, end, sum, r, key, n);  // S or r / S beyond float32's comfort
+    return;
+  }
+  const float inv_sum = static_cast<float>(inv_sum_d);
+  // r / S as a pair of floats (rs_hi + rs_lo), so that a * r / S rounds once, not twice.
+  const float rs = static_cast<float>(rs_d), rs_lo = static_cast<float>(rs_d - static_cast<double>(rs));
+  const float top = static_cast<float>(max_finite(static_cast<const T*>(nullptr)));
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int len = end - b < kBlock ? static_cast<int>(end - b) : kBlock;
+    alignas(64) float xs[kBlock], q[kBlock], v[kBlock];
+    alignas(64) uint32_t w[kBlock];
+    load_run(x + b, len, xs);
+    // q first, with per-lane flags (int lanes, OR-ed after the loop, so that the loop vectorizes):
+    // whether any element is non-zero, and whether any needs the float64 path.
+    constexpr int kL = 16;
+    int lane_nonzero[kL] = {}, lane_wide[kL] = {};
+    for (int j = 0; j < kBlock; j += kL) {
+      for (int l = 0; l < kL; ++l) {
+        const float a = fabsf(xs[j + l]);
+        const float p = a * inv_sum;
+        const float t_hi = a * rs;
+        const float t = t_hi + __builtin_fmaf(a, rs_lo, __builtin_fmaf(a, rs, -t_hi));
+        // r * -log1p(-p) = t (1 + p/2 + p^2/3 + p^3/4 + ...), p < 1/256: later terms are below 2^-32.
+        const float z = __builtin_fmaf(t, p * __builtin_fmaf(p, __builtin_fmaf(p, 0.25f, 1.0f / 3), 0.5f), t);
+        q[j + l] = neg_expm1f(z);  // 0 where a = 0: never kept, since u > 0
+        lane_nonzero[l] |= a > 0.0f;
+        lane_wide[l] |= (p >= static_cast<float>(fast::kSeriesMaxP)) | ((a > 0.0f) & (t < 1e-30f));
+      }
+    }
+    int nonzero = 0, wide = 0;
+    for (int l = 0; l < kL; ++l) {
+      nonzero |= lane_nonzero[l];
+      wide |= lane_wide[l];
+    }
+    if (!nonzero) {  // nothing to keep: skip the generator (zero skipping)
+      for (int i = 0; i < kBlock; ++i) v[i] = 0.0f;
+      store_run(y + b, len, v);
+      continue;
+    }
+    if (wide) {
+      bernoulli_range(x, y, b, b + len, sum, r, key, n);
+      continue;
+    }
+    philox_words(key, static_cast<uint64_t>(b) >> 2, n, w);
+    for (int i = 0; i < kBlock; ++i) {
+      const float u = __builtin_fmaf(static_cast<float>(w[i]), 2.3283064e-10f, 1.1641532e-10f);  // (w+.5)/2^32
+      float kept = xs[i] / (q[i] > 0.0f ? q[i] : 1.0f);
+      kept = kept > top ? top : kept < -top ? -top : kept;  // saturation (SPEC.md)
+      v[i] = u < q[i] ? kept : 0.0f;
+    }
+    store_run(y + b, len, v);
+  }
+}
+
+template <typename T>
+struct SimdCall {
+  const Layout* layout;
+  const T* x;
+  T* y;
+  double* scratch;
+  const StreamKey* key;
+
+  static void partial(void* self, size_t t) {
+    auto* c = static_cast<SimdCall*>(self);
+    partial_sum_task(*c->layout, c->x, c->scratch, *c->key, static_cast<int64_t>(t));
+  }
+  static void prefix(void* self, size_t n) {
+    auto* c = static_cast<SimdCall*>(self);
+    prefix_task(*c->layout, c->scratch, static_cast<int64_t>(n));
+  }
+  static void apply(void* self, size_t t) {
+    auto* c = static_cast<SimdCall*>(self);
+    const Layout& l = *c->layout;
+    if constexpr (sizeof(T) != sizeof(double)) {
+      if (l.mode == Mode::kBernoulli) {
+        const int64_t n = static_cast<int64_t>(t) / l.elem_chunks, ch = static_cast<int64_t>(t) % l.elem_chunks;
+        const int64_t begin = ch * l.chunk, end = begin + l.chunk < l.m ? begin + l.chunk : l.m;
+        const T* xn = c->x + n * l.m;
+        T* yn = c->y + n * l.m;
+        const double sum = c->scratch[n * l.c_stride() + l.elem_chunks];
+        if (sum_is_usable(sum)) {
+          bernoulli_range_f32(xn, yn, begin, end, sum, static_cast<double>(l.r), *c->key, static_cast<uint32_t>(n));
+        } else {
+          copy_range(xn, yn, begin, end);
+        }
+        return;
+      }
+    }
+    apply_task(l, c->x, c->y, c->scratch, *c->key, static_cast<int64_t>(t));
+  }
+};
+
+template <typename T>
+void run_simd(const T* x, T* y, const Layout& layout, const StreamKey& key, double* scratch, ParallelForFn pfor,
+              void* runner) {
+  SimdCall<T> call{&layout, x, y, scratch, &key};
+  pfor(runner, &SimdCall<T>::partial, static_cast<size_t>(layout.partial_tasks()), &call);
+  pfor(runner, &SimdCall<T>::prefix, static_cast<size_t>(layout.examples), &call);
+  pfor(runner, &SimdCall<T>::apply, static_cast<size_t>(layout.apply_tasks()), &call);
+}
+
+}  // namespace
+
+void SAP_SIMD_ENTRY(DType dtype, const void* x, void* y, const Layout& layout, const StreamKey& key,
+                    double* scratch, ParallelForFn pfor, void* runner) {
+  switch (dtype) {
+    case DType::kFloat32:
+      run_simd(static_cast<const float*>(x), static_cast<float*>(y), layout, key, scratch, pfor, runner);
+      break;
+    case DType::kFloat64:
+      run_simd(static_cast<const double*>(x), static_cast<double*>(y), layout, key, scratch, pfor, runner);
+      break;
+    case DType::kFloat16:
+      run_simd(static_cast<const Half*>(x), static_cast<Half*>(y), layout, key, scratch, pfor, runner);
+      break;
+  }
+}
+
+}  // namespace onnx_sap
