@@ -24,7 +24,8 @@ def test_exports_only_the_registration_and_c_entry_points():
         parts = line.split()
         if len(parts) >= 8 and parts[4] == "GLOBAL" and parts[6] != "UND" and parts[3] == "FUNC":
             exported.add(parts[7])
-    expected = {"RegisterCustomOps", "onnx_sap_has_cuda"}
+    expected = {"RegisterCustomOps", "onnx_sap_has_cuda", "onnx_sap_cpu_isa_available", "onnx_sap_cpu_isa_name",
+                "onnx_sap_cpu_isa_last"}
     if has_cuda_kernels():
         expected |= {"onnx_sap_cuda_run", "onnx_sap_cuda_last_error", "onnx_sap_cuda_device_count"}
     assert exported == expected
