@@ -1,22 +1,25 @@
 """Speed of the SAP op against ONNX Runtime's Relu and the NumPy reference, measured side by side.
 
 Not a test: prints median times and the ratios the project tracks (bernoulli / Relu, multinomial /
-bernoulli, reference / op), all from one run with the contenders interleaved round by round, since
-this machine is shared and noisy. The input is a post-ReLU activation (about half zeros), which is
-what SAP sees in a hardened model.
+bernoulli, reference / op) for every CPU instruction-set level this machine has (ONNX_SAP_ISA,
+fixed when a session is created), all from one run with the contenders interleaved round by round,
+since this machine is shared and noisy. The input is a post-ReLU activation (about half zeros),
+which is what SAP sees in a hardened model.
 
-    python benchmarks/bench_op.py [--threads 2] [--rounds 20]
+    python benchmarks/bench_op.py [--threads 2] [--rounds 20] [--levels scalar,avx2,avx512]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
 from onnx import TensorProto, helper
 
 from onnx_sap import make_session, reference
+from onnx_sap.runtime import cpu_isa_levels
 
 SHAPES = [(1, 64, 112, 112), (32, 64, 56, 56)]
 
@@ -36,14 +39,26 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_shape(shape, threads: int, rounds: int, ref_rounds: int) -> dict[str, float]:
+def _session_at(level: str, model, threads: int):
+    """A session whose SAP kernels run at CPU level `level` (read when the kernels are created)."""
+    before = os.environ.get("ONNX_SAP_ISA")
+    os.environ["ONNX_SAP_ISA"] = level
+    try:
+        return make_session(model, threads=threads, spin=False)
+    finally:
+        if before is None:
+            del os.environ["ONNX_SAP_ISA"]
+        else:
+            os.environ["ONNX_SAP_ISA"] = before
+
+
+def bench_shape(shape, levels: list[str], threads: int, rounds: int, ref_rounds: int) -> dict[str, float]:
     x = np.maximum(np.random.default_rng(0).standard_normal(shape, dtype=np.float32), 0)
-    sessions = {
-        "relu": make_session(_model("Relu"), threads=threads, spin=False),
-        "bernoulli": make_session(_model("StochasticActivationPruning", mode="bernoulli", seed=1), threads=threads, spin=False),
-        "multinomial": make_session(_model("StochasticActivationPruning", mode="multinomial", seed=1),
-                                    threads=threads, spin=False),
-    }
+    sessions = {"relu": make_session(_model("Relu"), threads=threads, spin=False)}
+    for level in levels:
+        for mode in ("bernoulli", "multinomial"):
+            model = _model("StochasticActivationPruning", mode=mode, seed=1)
+            sessions[f"{mode} {level}"] = _session_at(level, model, threads)
     feeds = {"x": x}
     for s in sessions.values():  # warm-up
         s.run(None, feeds)
@@ -51,29 +66,35 @@ def bench_shape(shape, threads: int, rounds: int, ref_rounds: int) -> dict[str, 
     for _ in range(rounds):
         for name, s in sessions.items():
             times[name].append(_time(lambda s=s: s.run(None, feeds)))
-    times["reference (bernoulli)"] = [_time(lambda: reference.sap(x, mode="bernoulli", seed=1))
-                                      for _ in range(ref_rounds)]
-    times["reference (multinomial)"] = [_time(lambda: reference.sap(x, mode="multinomial", seed=1))
+    for mode in ("bernoulli", "multinomial"):
+        times[f"reference ({mode})"] = [_time(lambda mode=mode: reference.sap(x, mode=mode, seed=1))
                                         for _ in range(ref_rounds)]
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return {k: float(np.median(v)) for k, v in times.items() if v}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--ref-rounds", type=int, default=2)
+    ap.add_argument("--ref-rounds", type=int, default=1, help="rounds of the NumPy reference (0: skip it)")
+    ap.add_argument("--levels", default=",".join(cpu_isa_levels()),
+                    help="comma-separated CPU levels to compare (default: every level this CPU has)")
     args = ap.parse_args()
+    levels = [level for level in args.levels.split(",") if level]
     for shape in SHAPES:
-        t = bench_shape(shape, args.threads, args.rounds, args.ref_rounds)
+        t = bench_shape(shape, levels, args.threads, args.rounds, args.ref_rounds)
         print(f"\nfloat32 {'x'.join(map(str, shape))}, {args.threads} threads (median ms)")
         for name, v in t.items():
             print(f"  {name:<26} {v * 1e3:10.3f}")
-        print("  ratios")
-        print(f"    bernoulli / Relu               {t['bernoulli'] / t['relu']:8.2f}   (target <= 8)")
-        print(f"    multinomial / bernoulli        {t['multinomial'] / t['bernoulli']:8.2f}   (target <= 2.5)")
-        print(f"    reference / op (bernoulli)     {t['reference (bernoulli)'] / t['bernoulli']:8.1f}   (target >= 40)")
-        print(f"    reference / op (multinomial)   {t['reference (multinomial)'] / t['multinomial']:8.1f}   (target >= 40)")
+        print(f"  ratios {'':<19} {'bernoulli/Relu':>15} {'multinomial/bernoulli':>22}")
+        for level in levels:
+            b, m = t[f"bernoulli {level}"], t[f"multinomial {level}"]
+            print(f"    {level:<24} {b / t['relu']:15.2f} {m / b:22.2f}")
+        print(f"    {'target':<24} {'<= 4':>15} {'<= 2':>22}")
+        best = levels[-1]
+        for mode in ("bernoulli", "multinomial"):
+            if f"reference ({mode})" in t:
+                print(f"    reference / op ({mode}, {best}): {t[f'reference ({mode})'] / t[f'{mode} {best}']:.1f}")
 
 
 if __name__ == "__main__":
