@@ -328,11 +328,13 @@ def _bypass_region(graph: gs.Graph, nodes: list[gs.Node]) -> None:
 # Model-level bookkeeping around the onnx-graphsurgeon round trip.
 
 
-# onnx-graphsurgeon prints its log lines on stdout (into --json output too). What it warns about here
-# (no colors; sequence/map types it cannot map to NumPy, which _export restores) is handled by us, so
-# only its errors are kept, and those go to stderr.
-G_LOGGER.colors = False
-G_LOGGER.severity = G_LOGGER.ERROR
+@contextlib.contextmanager
+def _graphsurgeon_quiet():
+    """onnx-graphsurgeon prints its log lines on stdout (into --json output too). What it warns about
+    on import and export (sequence/map types it cannot map to NumPy, which _export restores; no
+    colors) is handled here, so only its errors are kept, and those go to stderr."""
+    with G_LOGGER.suppress(G_LOGGER.ERROR), contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -341,7 +343,7 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # shapes are a convenience here (m and r in the plan), not a requirement
         inferred = model
-    with contextlib.redirect_stdout(sys.stderr):
+    with _graphsurgeon_quiet():
         return gs.import_onnx(inferred)
 
 
@@ -390,7 +392,7 @@ def _restore_doc_strings(graph: onnx.GraphProto, docs: dict[str, str]) -> None:
 
 
 def _export(graph: gs.Graph, original: onnx.ModelProto, provenance: dict | None) -> onnx.ModelProto:
-    with contextlib.redirect_stdout(sys.stderr):
+    with _graphsurgeon_quiet():
         model = gs.export_onnx(graph, do_type_check=False)
     _restore_interface(model, original)
     for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
