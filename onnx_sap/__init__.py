@@ -14,7 +14,7 @@ from .runtime import (
     session_options,
 )
 
-_LAZY = {"harden": "api", "inspect": "api", "strip": "api", "HardenOptions": "rewrite"}
+_LAZY = {"harden": "api", "inspect": "api", "strip": "api", "sweep": "api", "tune": "api", "HardenOptions": "rewrite"}
 
 
 def __getattr__(name: str):
@@ -31,6 +31,8 @@ __all__ = [
     "harden",
     "inspect",
     "strip",
+    "sweep",
+    "tune",
     "DOMAIN",
     "OP_TYPE",
     "OnnxSapError",

@@ -361,6 +361,141 @@ def evaluate(
               + (f"; plot written to {plot_path}" if plot_path else ""))
 
 
+# API parameters whose CLI flag is not --parameter-name.
+_FLAGS = {"ratios": "--ratio", "modes": "--mode", "ensembles": "--ensemble"}
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{option} takes comma-separated integers, got {text!r}")
+        raise
+
+
+@app.command()
+def sweep(
+    model: Path = typer.Argument(..., help="The original model (not hardened)."),
+    data: str = typer.Option("digits", help="An .npz with arrays x and y, or 'digits' (the bundled example)."),
+    ratio: str = typer.Option("0.05,0.1,0.2,0.5,1", help="SAP ratios to try, comma-separated."),
+    mode: str = typer.Option("multinomial,bernoulli", help="SAP modes to try, comma-separated."),
+    ensemble: str = typer.Option("1", help="Ensemble sizes to try, comma-separated."),
+    eps: str = typer.Option("0.1", help="L-inf epsilons, comma-separated."),
+    attacks: str = typer.Option("transfer,spsa", help="Attacks (the worst case is over these)."),
+    passes: int = typer.Option(16, help="Stochastic runs per example when scoring (majority vote)."),
+    transfer_steps: int = typer.Option(40, help="PGD steps of the transfer attack."),
+    spsa_steps: int = typer.Option(40, help="SPSA steps."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first LIMIT examples."),
+    seed: int = typer.Option(1, help="Attacks' and SAP's streams (0: SAP draws OS entropy, rows get noisier)."),
+    shard_size: int = typer.Option(32, help="Examples per shard, as for evaluate."),
+    scheduler: Optional[str] = typer.Option(None, help="Run one configuration per Dask task: local, local:N or "
+                                                       "tcp://HOST:PORT."),
+    provider: str = typer.Option("cpu", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write clean and worst-case accuracy vs ratio "
+                                                                  "to this PNG."),
+) -> None:
+    """Harden MODEL with every combination of --ratio, --mode and --ensemble and evaluate each."""
+    from .api import sweep as sweep_api
+    from .distributed import parse_scheduler
+    from .evaluate import EvaluateOptions
+    from .metrics import load_data
+    from .search import SweepOptions, plot_sweep
+
+    _check_plot_path(plot_path)
+    opts = SweepOptions(ratios=_floats(ratio, "--ratio"), modes=[m.strip() for m in mode.split(",") if m.strip()],
+                        ensembles=_ints(ensemble, "--ensemble"))
+    opts.validate()
+    eval_opts = EvaluateOptions(eps=_floats(eps, "--eps"), attacks=[a.strip() for a in attacks.split(",") if a.strip()],
+                                passes=passes, transfer_steps=transfer_steps, spsa_steps=spsa_steps, limit=limit,
+                                seed=seed, shard_size=shard_size, provider=provider)
+    eval_opts.validate()
+    if scheduler is not None:
+        parse_scheduler(scheduler)
+    x, y = load_data(data, limit)
+    with _Progress("sweep") as progress:
+        result = sweep_api(model, x, y, opts, eval_opts, progress=progress, scheduler=scheduler)
+    if plot_path is not None:
+        plot_sweep(result, plot_path)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    eps_keys = list(result.rows[0].worst)
+    table = Table(title=f"sweep of {model}: {len(x)} examples from {data}, attacks {attacks}; best worst case "
+                        f"first (majority of {passes} runs)", title_justify="left")
+    for col in ["configuration", "clean 1 pass", f"clean {passes} passes", "ECE",
+                *(f"worst eps {e}" for e in eps_keys), "latency x"]:
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    for row in result.rows:
+        table.add_row(row.label, pct(row.clean_single), pct(row.clean_multi), f"{row.ece:.3f}",
+                      *(pct(row.worst[e]) for e in eps_keys), f"{row.latency_ratio:.2f}")
+    out.print(table)
+    orig = result.rows[0]
+    better = [r.label for r in result.rows[1:] if all(r.worst[e] > orig.worst[e] for e in eps_keys)]
+    out.print(("configurations whose worst case beats the original's at every eps: " + ", ".join(better)) if better
+              else "no configuration beats the original's worst case at every eps")
+    if plot_path is not None:
+        out.print(f"plot written to {plot_path}")
+
+
+@app.command()
+def tune(
+    model: Path = typer.Argument(..., help="The original model (not hardened)."),
+    data: str = typer.Option("digits", help="Held-out .npz (x, y) or 'digits'; used for clean accuracy only."),
+    budget: float = typer.Option(1.0, help="Clean majority accuracy may drop this many points below the original."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default: MODEL.tuned.onnx)."),
+    mode: str = typer.Option("multinomial", help="SAP mode: multinomial or bernoulli."),
+    min_ratio: float = typer.Option(0.01, help="The smallest ratio (most pruning) tried."),
+    max_ratio: float = typer.Option(16.0, help="The largest ratio (least pruning), where every site starts."),
+    evaluations: int = typer.Option(24, help="Clean-accuracy evaluations in all (the search's budget)."),
+    passes: int = typer.Option(16, help="Stochastic runs per example (majority vote)."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first LIMIT examples."),
+    seed: int = typer.Option(1, help="SAP streams of the search (the written model draws OS entropy)."),
+    provider: str = typer.Option("cpu", help="cpu or cuda."),
+    overwrite: bool = typer.Option(False, help="Allow the output to replace the input file."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
+) -> None:
+    """Choose a SAP ratio per site of MODEL within a clean-accuracy budget and write the hardened model."""
+    from .api import tune as tune_api
+    from .metrics import load_data
+    from .search import TuneOptions
+
+    opts = TuneOptions(budget=budget, mode=mode, min_ratio=min_ratio, max_ratio=max_ratio, evaluations=evaluations,
+                       passes=passes, seed=seed, provider=provider)
+    opts.validate()
+    x, y = load_data(data, limit)
+    with _Progress("tune") as progress:
+        result = tune_api(model, x, y, output, opts, overwrite=overwrite, progress=progress)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    table = Table(title=f"ratio per SAP site (most activations first); target: clean majority accuracy >= "
+                        f"{100 * result.target:.1f}%", title_justify="left")
+    for col in ("SAP node", "activations / example", "ratio", "samples r"):
+        table.add_column(col, justify="left" if col == "SAP node" else "right")
+    for name, ratio_ in result.ratios.items():
+        m = result.activations[name]
+        table.add_row(name, f"{m:,}" if m else "dynamic", f"{ratio_:g}",
+                      f"{max(1, round(ratio_ * m)):,}" if m else "run time")
+    out.print(table)
+    final = Table(title=f"final evaluation on {len(x)} examples from {data} (the search took {len(result.steps)} "
+                        "evaluations)", title_justify="left")
+    for col in ("", "original", "tuned"):
+        final.add_column(col, justify="left" if not col else "right")
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    final.add_row("clean accuracy, 1 pass", pct(result.original["clean_single"]), pct(result.tuned["clean_single"]))
+    final.add_row(f"clean accuracy, {passes} passes", pct(result.original["clean_multi"]),
+                  pct(result.tuned["clean_multi"]))
+    final.add_row("ECE, clean", f"{result.original['ece']:.3f}", f"{result.tuned['ece']:.3f}")
+    out.print(final)
+    if not result.steps[0].accepted:
+        err.print(f"[yellow]warning:[/] even ratio {max_ratio:g} at every site misses the budget; every site kept "
+                  "it (raise --max-ratio or --budget)", highlight=False)
+    out.print(f"wrote [bold]{result.output}[/] (ratios in metadata_props onnx_sap.site_ratios)\n"
+              f"next: onnx-sap evaluate {model} {result.output} --data TEST   (robustness on data not used here)")
+
+
 @app.command()
 def bench(
     model: Path = typer.Argument(..., help="The original model."),
@@ -414,7 +549,7 @@ def main() -> None:
     except OnnxSapError as e:  # an API parameter's error names the CLI flag here
         from rich.markup import escape
 
-        message = e.as_flag() if isinstance(e, OptionError) else str(e)
+        message = e.as_flag(_FLAGS) if isinstance(e, OptionError) else str(e)
         err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as e:

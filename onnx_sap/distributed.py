@@ -26,7 +26,9 @@ class InProcess:
     """Runs the tasks one after the other in this process (the default)."""
 
     remote = False
-    threads: int | None = None  # ONNX Runtime's default: all cores
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads  # ONNX Runtime threads per session (None: its default, all cores)
 
     def share(self, obj: Any) -> Any:
         """A handle on obj for the tasks' arguments (here: obj itself)."""
