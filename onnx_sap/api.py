@@ -12,17 +12,16 @@ from .check import CheckReport, check_hardened
 from .errors import OnnxSapError
 from .rewrite import HardenOptions, HardenResult, Plan, harden_model, plan_model, strip_model
 from .sap_nodes import with_deterministic_sap
-from .modelio import check_output_path, read_model, save_model
+from .modelio import LeanModel, check_output_path, read_lean_model, save_model
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
 
-def _load(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, bool]:
-    """(model, its path or None, whether its file kept tensors as external data)."""
+def _load(model: ModelLike) -> tuple[LeanModel, Path | None]:
+    """The model (lean when read from a file: its large tensors held beside it) and its path or None."""
     if isinstance(model, onnx.ModelProto):
-        return model, None, False
-    loaded, external = read_model(model)
-    return loaded, Path(model), external
+        return LeanModel(model, {}, False), None
+    return read_lean_model(model), Path(model)
 
 
 def default_output(input_path: Path, suffix: str) -> Path:
@@ -58,7 +57,8 @@ def harden(
     """
     options = options or HardenOptions(**option_values)
     options.validate()
-    original, in_path, external = _load(model)
+    read, in_path = _load(model)
+    original, weights = read.model, read.weights
     out_path = Path(output) if output is not None else (default_output(in_path, "sap") if in_path else None)
     if out_path is not None and not dry_run:
         check_output_path(out_path, in_path, overwrite)
@@ -70,36 +70,37 @@ def harden(
 
     def run_check(staged: Path | None) -> None:
         if check:
-            orig = str(in_path) if in_path else original  # from the file: external data stays on disk
-            if result.plan.existing:  # re-hardening: compare against the old SAP made deterministic
-                orig = with_deterministic_sap(original)
-            report.check = check_hardened(orig, str(staged) if staged else result.model, options,
-                                          portable_multinomial)
+            orig = with_deterministic_sap(original) if result.plan.existing else original  # re-hardening:
+            # compare against the old SAP made deterministic
+            # A lean model is checked in memory with the weights; a ModelProto's written file, which
+            # onnx.save_model may have moved to external data.
+            hardened = result.model if weights or staged is None else str(staged)
+            report.check = check_hardened(orig, hardened, options, portable_multinomial, weights)
 
     if out_path is None:
         run_check(None)
         return report
-    report.output = save_model(result.model, out_path, external_data=external, before_commit=run_check)
+    report.output = save_model(result.model, out_path, external_data=read.external, before_commit=run_check,
+                               weights=weights)
     return report
 
 
 def strip(model: ModelLike, output: str | os.PathLike | None = None, *, overwrite: bool = False
           ) -> tuple[onnx.ModelProto, int, Path | None]:
     """Remove every SAP node; returns (model, regions removed, path written or None)."""
-    original, in_path, external = _load(model)
+    read, in_path = _load(model)
     out_path = Path(output) if output is not None else (default_output(in_path, "stripped") if in_path else None)
     if out_path is not None:
         check_output_path(out_path, in_path, overwrite)
-    stripped, removed = strip_model(original)
+    stripped, removed = strip_model(read.model)
     if out_path is not None:
-        save_model(stripped, out_path, external_data=external)
+        save_model(stripped, out_path, external_data=read.external, weights=read.weights)
     return stripped, removed, out_path
 
 
 def inspect(model: ModelLike, options: HardenOptions | None = None) -> Plan:
     """The activation sites harden would rewrite, and any SAP nodes already present."""
-    original, _, _ = _load(model)
-    return plan_model(original, options or HardenOptions())
+    return plan_model(_load(model)[0].model, options or HardenOptions())
 
 
 def sweep(model: ModelLike, x, y, options=None, evaluate_options=None, *, progress=None, scheduler=None,

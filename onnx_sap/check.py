@@ -41,9 +41,9 @@ def random_feeds(session, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
-def _session(model: onnx.ModelProto | str, what: str):
+def _session(model: onnx.ModelProto | str, what: str, weights: dict[str, np.ndarray] | None = None):
     try:
-        return make_session(model)
+        return make_session(model, initializers=weights)
     except OnnxSapError:
         raise
     except Exception as e:  # ONNX Runtime's own errors are long: keep the first line
@@ -59,13 +59,13 @@ def _run(sess, feeds, what: str) -> list[np.ndarray]:
                            "to skip this check") from None
 
 
-def _deterministic_session(hardened: onnx.ModelProto | str):
+def _deterministic_session(hardened: onnx.ModelProto | str, weights: dict[str, np.ndarray] | None = None):
     """A session of the hardened model with SAP made deterministic. From a file, the copy is written
     beside it without loading its tensors, so that external data (models over 2 GiB) still resolves
     and nothing large is copied in memory."""
     what = "hardened (deterministic)"
     if isinstance(hardened, onnx.ModelProto):
-        return _session(with_deterministic_sap(hardened), what)
+        return _session(with_deterministic_sap(hardened), what, weights)
     path = Path(hardened)
     det_path = path.with_name(path.name + ".deterministic.onnx")
     onnx.save(with_deterministic_sap(onnx.load(str(path), load_external_data=False)), str(det_path))
@@ -87,12 +87,13 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def check_hardened(original: onnx.ModelProto | str, hardened: onnx.ModelProto | str, options: HardenOptions,
-                   portable_multinomial: bool = False) -> CheckReport:
-    """Run both models on one random input; raise OnnxSapError on any mismatch."""
-    orig_sess = _session(original, "original")
+                   portable_multinomial: bool = False, weights: dict[str, np.ndarray] | None = None) -> CheckReport:
+    """Run both models on one random input; raise OnnxSapError on any mismatch. Lean models (the
+    rewrite of a file) come with their weights, which all sessions share."""
+    orig_sess = _session(original, "original", weights)
     feeds = random_feeds(orig_sess)
     expected = _run(orig_sess, feeds, "original")
-    hard_sess = _session(hardened, "hardened")
+    hard_sess = _session(hardened, "hardened", weights)
     got = _run(hard_sess, feeds, "hardened")
     names0 = [o.name for o in orig_sess.get_outputs()]
     names1 = [o.name for o in hard_sess.get_outputs()]
@@ -107,7 +108,7 @@ def check_hardened(original: onnx.ModelProto | str, hardened: onnx.ModelProto | 
         return CheckReport(names0, float("nan"), False,
                            "portable multinomial: r is fixed in the graph, so only names, dtypes and shapes "
                            "were compared")
-    det = [_as_array(v) for v in _run(_deterministic_session(hardened), feeds, "hardened (deterministic)")]
+    det = [_as_array(v) for v in _run(_deterministic_session(hardened, weights), feeds, "hardened (deterministic)")]
     worst = 0.0
     for name, e, g, out in zip(names0, expected, det, orig_sess.get_outputs()):
         ref = e.astype(np.float64)

@@ -9,10 +9,13 @@ import secrets
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
+import onnx.external_data_helper
 from google.protobuf.message import DecodeError
 
 from .errors import OnnxSapError, first_line
@@ -31,6 +34,128 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     """load_model, also saying whether the file kept tensors outside the .onnx (once loaded, the
     tensors no longer show it), so that a rewritten copy can be stored the same way."""
     p = Path(path)
+    model = _parse(p)
+    external = uses_external_data(model)
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as e:
+        raise OnnxSapError(f"{p}: its external data could not be read ({e}); keep the data files beside the model")
+    check_opset(model, str(p))
+    return model, external
+
+
+# Main-graph initializers of at least this size are held as NumPy arrays beside a lean ModelProto
+# while harden works: shape inference, onnx-graphsurgeon and the checker then copy only the graph,
+# and ONNX Runtime sessions of the check share the arrays.
+LEAN_TENSOR_BYTES = 64 << 10
+# The location a lean model's held tensors name: never a file (ONNX Runtime gets them through
+# add_external_initializers, the writer from the arrays).
+IN_MEMORY = "onnx-sap-in-memory.data"
+_LEAN_TYPES = {t: np.dtype(d) for t, d in ((onnx.TensorProto.FLOAT, np.float32), (onnx.TensorProto.DOUBLE, np.float64),
+                                          (onnx.TensorProto.FLOAT16, np.float16), (onnx.TensorProto.INT64, np.int64),
+                                          (onnx.TensorProto.INT32, np.int32), (onnx.TensorProto.INT16, np.int16),
+                                          (onnx.TensorProto.INT8, np.int8), (onnx.TensorProto.UINT8, np.uint8),
+                                          (onnx.TensorProto.UINT16, np.uint16), (onnx.TensorProto.UINT32, np.uint32),
+                                          (onnx.TensorProto.UINT64, np.uint64), (onnx.TensorProto.BOOL, np.bool_))}
+
+
+@dataclass
+class LeanModel:
+    """A model read for rewriting: `model` without the bytes of its large main-graph initializers
+    (they name IN_MEMORY as external data), `weights` holding them by name, and whether the file
+    kept tensors as external data."""
+
+    model: onnx.ModelProto
+    weights: dict[str, np.ndarray]
+    external: bool
+
+
+def read_lean_model(path: str | os.PathLike) -> LeanModel:
+    """read_model, holding the large initializers of the main graph outside the ModelProto (one copy
+    of the weights in memory, which the rewrite, the check and the writer share)."""
+    p = Path(path)
+    model = _parse(p)
+    external = uses_external_data(model)
+    weights: dict[str, np.ndarray] = {}
+    lean_headers: list[onnx.TensorProto | None] = []
+    try:
+        for t in model.graph.initializer:
+            values = _lean_values(t, p.parent)
+            lean_headers.append(None if values is None else _held_header(t))
+            if values is not None:
+                weights[t.name] = values
+        # A new message without the initializers' bytes: the parsed one keeps its memory until freed.
+        lean = onnx.ModelProto()
+        initializers = [t if h is None else h for t, h in zip(model.graph.initializer, lean_headers)]
+        kept = [onnx.TensorProto() for _ in initializers]
+        for k, t in zip(kept, initializers):
+            k.CopyFrom(t)
+        del model.graph.initializer[:], initializers
+        lean.CopyFrom(model)
+        lean.graph.initializer.extend(kept)
+        del model, kept
+        for t in onnx.external_data_helper._get_all_tensors(lean):  # the rest, as onnx.load would
+            if onnx.external_data_helper.uses_external_data(t) and not _is_held(t):
+                onnx.external_data_helper.load_external_data_for_tensor(t, str(p.parent))
+    except (OSError, ValueError) as e:
+        raise OnnxSapError(f"{p}: its external data could not be read ({e}); keep the data files beside the model")
+    check_opset(lean, str(p))
+    return LeanModel(lean, weights, external)
+
+
+def _lean_values(t: onnx.TensorProto, folder: Path) -> np.ndarray | None:
+    """The tensor's values as an array if it is to be held outside the proto, else None."""
+    dtype = _LEAN_TYPES.get(t.data_type)
+    if dtype is None or t.HasField("segment"):
+        return None
+    count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+    if count * dtype.itemsize < LEAN_TENSOR_BYTES:
+        return None
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        data = Path(folder) / info.get("location", "")
+        if not data.resolve().is_relative_to(Path(folder).resolve()) or not data.is_file():
+            raise ValueError(f"tensor {t.name!r}: its data file {info.get('location')!r} is missing or outside "
+                             "the model's folder")
+        offset = int(info.get("offset", 0))
+        if int(info.get("length", count * dtype.itemsize)) != count * dtype.itemsize:
+            raise ValueError(f"tensor {t.name!r}: its external data length does not fit its dims {list(t.dims)}")
+        values = np.fromfile(data, dtype=dtype, count=count, offset=offset)
+        if values.size != count:
+            raise ValueError(f"tensor {t.name!r}: {data.name} ends before its data does")
+    elif t.HasField("raw_data"):
+        raw = t.raw_data
+        if len(raw) != count * dtype.itemsize:
+            return None  # left to the input check, which names the problem
+        values = np.frombuffer(raw, dtype=dtype)
+    else:
+        return None
+    return values.reshape(tuple(t.dims))
+
+
+def _held_header(t: onnx.TensorProto) -> onnx.TensorProto:
+    """t without its values, naming IN_MEMORY as its external data."""
+    header = _values_free(t)
+    header.data_location = onnx.TensorProto.EXTERNAL
+    header.external_data.add(key="location", value=IN_MEMORY)
+    return header
+
+
+def _values_free(t: onnx.TensorProto) -> onnx.TensorProto:
+    """t's name, dims, type and doc string, nothing else."""
+    header = onnx.TensorProto(name=t.name, dims=t.dims, data_type=t.data_type)
+    if t.doc_string:
+        header.doc_string = t.doc_string
+    return header
+
+
+def _is_held(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == IN_MEMORY for e in t.external_data)
+
+
+def _parse(p: Path) -> onnx.ModelProto:
+    """The model file's ModelProto (external data not loaded), or OnnxSapError."""
     if not p.exists():
         raise OnnxSapError(f"{p}: no such file; give the path of an .onnx model")
     if not p.is_file():
@@ -42,13 +167,7 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
                            "is complete") from None
     if not model.graph.node and not model.graph.output:
         raise OnnxSapError(f"{p}: not an ONNX model (no graph); re-export it or check the file is complete")
-    external = uses_external_data(model)
-    try:
-        onnx.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as e:
-        raise OnnxSapError(f"{p}: its external data could not be read ({e}); keep the data files beside the model")
-    check_opset(model, str(p))
-    return model, external
+    return model
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
@@ -113,11 +232,14 @@ LEGACY_STAGING_AGE_S = 3600.0
 
 
 def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_data: bool = False,
-               check: bool = True, before_commit: Callable[[Path], None] | None = None) -> Path:
+               check: bool = True, before_commit: Callable[[Path], None] | None = None,
+               weights: dict[str, np.ndarray] | None = None) -> Path:
     """Write model to output atomically, with its tensors in `<output>.<random>.data` when
-    external_data is set or the model is too large for one protobuf file. With check, the written
-    file must pass onnx.checker (full check), and before_commit(staged_path) must return, before
-    anything at the output path is replaced. Returns the path written.
+    external_data is set or the model is too large for one protobuf file. A lean model (see
+    LeanModel) comes with its weights, which are written where its IN_MEMORY tensors stand; its
+    tensors then name where they were written (model is updated). With check, the written file must
+    pass onnx.checker (full check), and before_commit(staged_path) must return, before anything at
+    the output path is replaced. Returns the path written.
 
     Crash safety: everything is written and fsynced in a staging folder beside the output; the data
     file then moves in under a name no file has (nothing the old model reads changes), the model
@@ -127,19 +249,24 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
     out = Path(output)
     folder = out.parent if str(out.parent) else Path(".")
     remove_stale_files(out)
-    external = external_data or model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    weights = weights or {}
+    size = model_bytes(model) + sum(a.nbytes for a in weights.values())
+    external = external_data or size > EXTERNAL_DATA_THRESHOLD
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
     try:
         staged = stage / out.name
         data_name = f"{out.name}.{secrets.token_hex(4)}.data"
-        if external:
+        written: dict[str, tuple[str, int, int]] = {}
+        if any(_is_held(t) for t in model.graph.initializer):
+            written = write_lean(model, weights, staged, data_name if external else None)
+        elif external:
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
         else:
             onnx.save_model(model, str(staged))
         if check:
             try:
-                onnx.checker.check_model(str(staged), full_check=True)
+                onnx.checker.check_model(str(_checkable(model, stage) if weights else staged), full_check=True)
             except onnx.checker.ValidationError as e:
                 raise OnnxSapError(f"the rewritten model fails onnx.checker ({first_line(e)}); please report "
                                    "this with the model") from None
@@ -155,9 +282,99 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
         _fsync(folder)
         for name in old_data - {data_name}:
             (folder / name).unlink(missing_ok=True)
+        _name_written_data(model, written)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+def write_lean(model: onnx.ModelProto, weights: dict[str, np.ndarray], path: Path, data_name: str | None
+               ) -> dict[str, tuple[str, int, int]]:
+    """Write a lean model with its held tensors' values from weights, into data_name beside path
+    (external data) or into path itself, never building the whole file in memory. Returns, for each
+    held tensor, (file, offset, length) of its values (the file being path's name when inside)."""
+    written: dict[str, tuple[str, int, int]] = {}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if data_name is not None:
+        with open(path.parent / data_name, "wb") as f:
+            for t in copy.graph.initializer:
+                if _is_held(t):
+                    f.write(b"\0" * (-f.tell() % 4096))  # page-aligned, so that a runtime can map it
+                    written[t.name] = (data_name, f.tell(), weights[t.name].nbytes)
+                    f.write(_bytes_of(weights[t.name]))
+                    _set_location(t, *written[t.name])
+        onnx.save_model(copy, str(path))
+        return written
+    # The tensors inside the .onnx: the graph's initializers are written after the rest of the graph,
+    # and the graph after the rest of the model (protobuf reads fields in any order), so that each
+    # held tensor's bytes stream from its array.
+    graph = onnx.GraphProto()
+    graph.CopyFrom(copy.graph)
+    del graph.initializer[:]
+    head = graph.SerializeToString()
+    copy.ClearField("graph")
+    entries = []
+    for t in model.graph.initializer:
+        if _is_held(t):
+            values = weights[t.name]
+            entries.append((t.name, _values_free(t).SerializeToString() + _field(9, values.nbytes), values))
+        else:
+            entries.append((t.name, t.SerializeToString(), None))
+    bodies = [len(b) + (v.nbytes if v is not None else 0) for _, b, v in entries]
+    graph_size = len(head) + sum(len(_field(5, n)) + n for n in bodies)
+    with open(path, "wb") as f:
+        f.write(copy.SerializeToString() + _field(7, graph_size) + head)
+        for (name, start, values), n in zip(entries, bodies):
+            f.write(_field(5, n) + start)
+            if values is not None:
+                written[name] = (path.name, f.tell(), values.nbytes)
+                f.write(_bytes_of(values))
+    return written
+
+
+def _field(number: int, size: int) -> bytes:
+    """A length-delimited protobuf field's key and length (the bytes follow)."""
+    out = bytearray([(number << 3) | 2])
+    while True:
+        out.append((size & 0x7F) | (0x80 if size > 0x7F else 0))
+        size >>= 7
+        if not size:
+            return bytes(out)
+
+
+def _bytes_of(values: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
+
+
+def _set_location(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        t.external_data.add(key=key, value=value)
+
+
+def _name_written_data(model: onnx.ModelProto, written: dict[str, tuple[str, int, int]]) -> None:
+    """Point a lean model's held tensors at where they were written (file names as in the output's folder)."""
+    for t in model.graph.initializer:
+        if t.name in written:
+            _set_location(t, *written[t.name])
+
+
+def _checkable(model: onnx.ModelProto, stage: Path) -> Path:
+    """A copy of a lean model for onnx.checker, its held tensors naming an empty placeholder file
+    (the checker wants the file, not its bytes): the check reads kilobytes, not the weights."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    placeholder = stage / ".checker.data"
+    placeholder.touch()
+    for t in copy.graph.initializer:
+        if _is_held(t):
+            _set_location(t, placeholder.name, 0, int(np.prod(t.dims, dtype=np.int64)) *
+                          _LEAN_TYPES[t.data_type].itemsize)
+    path = stage / ".checker.onnx"
+    onnx.save_model(copy, str(path))
+    return path
 
 
 def _fsync(path: Path) -> None:

@@ -6,6 +6,7 @@ import ctypes
 import functools
 import os
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -174,8 +175,13 @@ def make_session(
     threads: int | None = None,
     spin: bool = True,
     options=None,
+    initializers: dict | None = None,
 ):
     """An ``onnxruntime.InferenceSession`` for ``model`` with the SAP library registered.
+
+    ``initializers`` (name -> NumPy array) supply the values of initializers that ``model`` stores as
+    external data, without copies: the session reads the arrays, which it keeps alive (a lean model,
+    modelio.LeanModel). Weight prepacking, a second copy of them, is then off.
 
     ``provider`` is ``cpu`` or ``cuda``. Asking for CUDA where ONNX Runtime would silently run on the
     CPU (no onnxruntime-gpu, no GPU, no CUDA kernels in the library) raises :class:`OnnxSapError`.
@@ -191,14 +197,43 @@ def make_session(
         if not has_cuda_kernels():
             raise OnnxSapError("the op library was built without CUDA kernels; rebuild with ONNX_SAP_CUDA=ON")
     providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
-    if isinstance(model, onnx.ModelProto):
+    if isinstance(model, onnx.ModelProto) and not initializers:
         model = model.SerializeToString()
-    elif not isinstance(model, bytes):
+    elif not isinstance(model, (bytes, onnx.ModelProto)):
         model = os.fspath(model)
     opts = session_options(threads, options, spin=spin)
-    sess = ort.InferenceSession(model, sess_options=opts, providers=providers)
+    if not initializers:
+        sess = ort.InferenceSession(model, sess_options=opts, providers=providers)
+    else:
+        sess = _session_sharing(model, initializers, opts, providers)
     if wanted not in sess.get_providers():
         raise OnnxSapError(f"ONNX Runtime fell back from {wanted} to {sess.get_providers()}; check the CUDA install")
+    return sess
+
+
+def _session_sharing(model, initializers: dict, opts, providers):
+    """A session reading the named initializers from the given arrays, not copying them:
+    add_initializer shares the buffer, but ONNX Runtime wants the model's external-data file to exist,
+    so the model (a ModelProto) is written, lean, beside an empty stand-in file."""
+    import onnxruntime as ort
+
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError("initializers go with a ModelProto")
+    values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for name, a in initializers.items()}
+    lean = onnx.ModelProto()
+    lean.CopyFrom(model)
+    for t in lean.graph.initializer:
+        if t.name in values:
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value="stand-in.data")
+            opts.add_initializer(t.name, values[t.name])
+    opts.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of each weight
+    with tempfile.TemporaryDirectory(prefix="onnx-sap-session-") as folder:
+        (Path(folder) / "stand-in.data").touch()
+        onnx.save_model(lean, str(Path(folder) / "model.onnx"))
+        sess = ort.InferenceSession(str(Path(folder) / "model.onnx"), sess_options=opts, providers=providers)
+    sess._onnx_sap_initializers = values  # the session reads them for as long as it lives
     return sess
 
 

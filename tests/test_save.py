@@ -131,3 +131,53 @@ def test_harden_killed_at_random_points_leaves_old_new_or_nothing(tmp_path, exte
     leftovers = {f.name for f in tmp_path.glob("out.onnx.*.data")} - referenced
     assert all(modelio._our_data_file(out, name) for name in leftovers)
     assert weights(src).keys() == {"W1", "W2"}
+
+
+@pytest.fixture
+def every_tensor_held(monkeypatch):
+    """Read files as big models are read: the weight matrices held beside a lean ModelProto."""
+    monkeypatch.setattr(modelio, "LEAN_TENSOR_BYTES", 1024)  # the weights, not scalar constants
+
+
+@pytest.mark.parametrize("external", [True, False])
+def test_a_lean_read_writes_what_an_in_memory_harden_writes(tmp_path, every_tensor_held, external):
+    from onnx_sap.api import harden, strip
+
+    m = model_with_weights(4)
+    src = tmp_path / "in.onnx"
+    if external:
+        onnx.save(m, src, save_as_external_data=True, all_tensors_to_one_file=True, location="in.onnx.data",
+                  size_threshold=0)
+    else:
+        onnx.save(m, src)
+    lean = modelio.read_lean_model(src)
+    assert set(lean.weights) == {"W1", "W2"} and lean.model.ByteSize() < 1000 and lean.external == external
+    report = harden(src, tmp_path / "out.onnx", mode="bernoulli", seed=5)
+    expected = harden(model_with_weights(4), mode="bernoulli", seed=5).model  # onnx.save moved m's tensors out
+    written = onnx.load(str(report.output))
+    if external:
+        onnx.external_data_helper.convert_model_from_external_data(written)
+        for t in written.graph.initializer:
+            t.ClearField("data_location")  # left set to DEFAULT
+    assert written == expected  # the streamed file parses to the very message onnx would have written
+    for t in report.model.graph.initializer:  # the report's model names where its tensors were written
+        location = {e.key: e.value for e in t.external_data}["location"]
+        assert location == ("out.onnx" if not external else location) and (tmp_path / location).is_file()
+    onnx.load_external_data_for_model(report.model, str(tmp_path))
+    for t in report.model.graph.initializer:
+        t.ClearField("data_location")
+    assert report.model == written
+    np.testing.assert_array_equal(make_session(str(report.output)).run(None, {"x": X})[0],
+                                  make_session(expected).run(None, {"x": X})[0])
+    _, _, back = strip(report.output, tmp_path / "back.onnx")
+    for name, value in weights(back).items():
+        np.testing.assert_array_equal(value, weights(src)[name])
+
+
+def test_the_check_runs_on_held_weights(tmp_path, every_tensor_held):
+    from onnx_sap.api import harden
+
+    src = tmp_path / "in.onnx"
+    onnx.save(model_with_weights(5), src)
+    report = harden(src, tmp_path / "out.onnx", mode="bernoulli")
+    assert report.check is not None and report.check.equivalence_checked and report.check.max_abs_diff < 1e-4
