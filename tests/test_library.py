@@ -1,14 +1,17 @@
 """The built op library: what it exports and what it needs at load time."""
 
 import ctypes
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import sap_model
 
-from onnx_sap import get_library_path, has_cuda_kernels
+from onnx_sap import get_library_path, has_cuda_kernels, make_session
+from onnx_sap.runtime import LIBRARY_NAME
 
 needs_readelf = pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf (binutils)")
 
@@ -122,3 +125,14 @@ def test_registration_uses_the_runtimes_version_when_older_than_the_headers():
             _fn(api, _RELEASE_SESSION, None, ctypes.c_void_p)(session)
         _fn(api, _RELEASE_SESSION_OPTIONS, None, ctypes.c_void_p)(options)
         _fn(api, _RELEASE_ENV, None, ctypes.c_void_p)(env)
+
+
+def test_the_loaded_library_is_get_library_path():
+    # The sanitizer jobs force their build with ONNX_SAP_LIBRARY: make sure it is the one that ran.
+    make_session(sap_model(seed=1)).run(None, {"x": np.ones((1, 4), np.float32)})
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    loaded = {line.split()[-1] for line in maps.read_text().splitlines() if LIBRARY_NAME in line}
+    expected = os.environ.get("ONNX_SAP_LIBRARY") or get_library_path()
+    assert loaded == {str(Path(expected).resolve())}
