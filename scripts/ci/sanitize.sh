@@ -41,7 +41,7 @@ UBSAN_OPTIONS=print_stacktrace=1:log_path=$logs/asan \
   .venv/bin/pytest -q -p no:cacheprovider tests/test_op.py tests/test_verify.py tests/test_harden.py \
   "tests/test_library.py::test_the_loaded_library_is_get_library_path" || status=$?
 n=$(reports asan)
-echo "ASan + UBSan: pytest exit $status, $n reports"
+echo "ASan + UBSan: pytest exit $status, $n reports (${SECONDS}s so far)"
 [ "$n" = 0 ] || cat "$logs"/asan.*
 [ "$status" = 0 ] && [ "$n" = 0 ] || failed=1
 
@@ -56,7 +56,7 @@ TSAN_OPTIONS="log_path=$logs/tsan:ignore_noninstrumented_modules=1" \
   "tests/test_op.py::test_concurrent_runs_use_each_call_index_once[intra1]" \
   "tests/test_library.py::test_the_loaded_library_is_get_library_path" || status=$?
 n=$(reports tsan)
-echo "TSan: pytest exit $status, $n reports"
+echo "TSan: pytest exit $status, $n reports (${SECONDS}s in all)"
 [ "$n" = 0 ] || cat "$logs"/tsan.*
 [ "$status" = 0 ] && [ "$n" = 0 ] || failed=1
 
