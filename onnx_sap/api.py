@@ -12,7 +12,7 @@ from .check import CheckReport, check_hardened
 from .errors import OnnxSapError
 from .rewrite import HardenOptions, HardenResult, Plan, harden_model, plan_model, strip_model
 from .sap_nodes import with_deterministic_sap
-from .modelio import LeanModel, check_output_path, read_lean_model, save_model
+from .modelio import LeanModel, check_input_model, check_output_path, read_lean_model, save_model
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -20,6 +20,7 @@ ModelLike = onnx.ModelProto | str | os.PathLike
 def _load(model: ModelLike) -> tuple[LeanModel, Path | None]:
     """The model (lean when read from a file: its large tensors held beside it) and its path or None."""
     if isinstance(model, onnx.ModelProto):
+        check_input_model(model)
         return LeanModel(model, {}, False), None
     return read_lean_model(model), Path(model)
 

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from .check import random_feeds
+from .errors import OnnxSapError
 from .rewrite import HardenOptions, harden_model
 from .runtime import make_session, score_output
 
@@ -51,6 +52,9 @@ def bench(model: onnx.ModelProto | str, hardened: onnx.ModelProto | str | None =
           options: HardenOptions | None = None, seed: int = 0, output: str | None = None) -> list[BenchResult]:
     """Time model and its hardened version (hardened in memory with `options` when not given), each
     run computing its score output (runtime.score_output; `output` names another)."""
+    if rounds < 1 or warmup < 0 or not batches or any(b < 1 for b in batches):
+        raise OnnxSapError(f"rounds and batch sizes must be >= 1 (and warmup >= 0), got rounds={rounds}, "
+                           f"batches={list(batches)}, warmup={warmup}")
     if hardened is None:
         base = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
         hardened = harden_model(base, options or HardenOptions()).model

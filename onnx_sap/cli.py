@@ -6,6 +6,7 @@ Errors the user can fix print one line on stderr and exit 2; nothing is written 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -30,8 +31,22 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 def fail(message: str, code: int = 2) -> None:
     """Print one line and exit: the CLI's only way of reporting a user error."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def print_json(doc) -> None:
+    """Print doc as strict JSON: NaN and infinities (not JSON) become null."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    print(json.dumps(finite(doc), indent=2, allow_nan=False))
 
 
 def _split(values: Optional[List[str]]) -> list[str]:
@@ -44,9 +59,10 @@ def _sites_table(plan: Plan, title: str) -> Table:
         table.add_column(col, justify="right" if col in ("#", "m", "r") else "left")
     for i, s in enumerate(plan.sites):
         nodes = s.nodes[-1] if len(s.nodes) == 1 else f"{s.nodes[0]} .. {s.nodes[-1]} ({len(s.nodes)})"
-        table.add_row(str(i), s.graph, s.kind, s.form, nodes, "x".join(map(str, s.shape)) if s.shape else "?",
+        table.add_row(str(i), escape(s.graph), s.kind, s.form, escape(nodes),
+                      escape("x".join(map(str, s.shape))) if s.shape else "?",
                       str(s.m) if s.m else "?", str(s.r) if s.r else "run time",
-                      "yes" if s.selected else f"[dim]no: {s.reason}[/]")
+                      "yes" if s.selected else f"[dim]no: {escape(s.reason)}[/]")
     return table
 
 
@@ -112,10 +128,10 @@ def harden(
         if report.output:
             doc["output_bytes"] = report.output.stat().st_size
         doc["warnings"] = opts.warnings()
-        print(json.dumps(doc, indent=2))
+        print_json(doc)
         _warn(opts.warnings())
         return
-    out.print(_sites_table(report.plan, f"Activation sites in {model}"))
+    out.print(_sites_table(report.plan, f"Activation sites in {escape(str(model))}"))
     out.print(_kind_summary(report.plan))
     _warn(opts.warnings())
     if dry_run:
@@ -123,15 +139,15 @@ def harden(
         return
     form = "portable standard ops" if portable else "custom op onnx_sap::StochasticActivationPruning"
     size = report.output.stat().st_size
-    out.print(f"wrote [bold]{report.output}[/] ({size / 1e6:.2f} MB): {len(report.plan.selected)} SAP sites, "
+    out.print(f"wrote [bold]{escape(str(report.output))}[/] ({size / 1e6:.2f} MB): {len(report.plan.selected)} SAP sites, "
               f"mode {mode}, {form}" + (f", ensemble of {ensemble}" if ensemble > 1 else ""))
     if report.check is not None:
         c = report.check
         out.print("check: ran original and hardened in ONNX Runtime; outputs match in name, dtype and shape"
                   + (f"; with SAP made deterministic, max |diff| = {c.max_abs_diff:.2e}" if c.equivalence_checked
                      else f"; {c.note}"))
-    out.print(f"next: onnx-sap verify {report.output}   (op vs reference)   |   "
-              f"onnx-sap evaluate {model} {report.output} --data ...")
+    out.print(f"next: onnx-sap verify {escape(str(report.output))}   (op vs reference)   |   "
+              f"onnx-sap evaluate {escape(str(model))} {escape(str(report.output))} --data ...")
 
 
 @app.command()
@@ -147,19 +163,19 @@ def inspect(
 
     plan = inspect_api(model, HardenOptions(axis=axis, ratio=ratio, samples=samples))
     if as_json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print_json(plan.to_dict())
         return
-    out.print(_sites_table(plan, f"Activation sites in {model}"))
+    out.print(_sites_table(plan, f"Activation sites in {escape(str(model))}"))
     if plan.existing:
         table = Table(title="SAP nodes already present", title_justify="left")
         for col in ("graph", "node", "form", "attributes"):
             table.add_column(col)
         for e in plan.existing:
-            table.add_row(e["graph"], e["node"], e["form"],
-                          ", ".join(f"{k}={v}" for k, v in e["attributes"].items()))
+            table.add_row(escape(e["graph"]), escape(e["node"]), e["form"],
+                          escape(", ".join(f"{k}={v}" for k, v in e["attributes"].items())))
         out.print(table)
     else:
-        out.print("no SAP nodes present. Harden with: onnx-sap harden " + str(model))
+        out.print("no SAP nodes present. Harden with: onnx-sap harden " + escape(str(model)))
 
 
 @app.command()
@@ -172,7 +188,7 @@ def strip(
     from .api import strip as strip_api
 
     _, removed, path = strip_api(model, output, overwrite=overwrite)
-    out.print(f"removed {removed} SAP region(s); wrote [bold]{path}[/]")
+    out.print(f"removed {removed} SAP region(s); wrote [bold]{escape(str(path))}[/]")
 
 
 @app.command()
@@ -195,13 +211,13 @@ def verify(
     reports = verify_api(model, provider=provider, runs=runs, seed=seed)
     bad = [r for r in reports if not r.ok]
     if as_json:
-        print(json.dumps([dict(r.__dict__, ok=r.ok) for r in reports], indent=2))
+        print_json([dict(r.__dict__, ok=r.ok) for r in reports])
     else:
-        table = Table(title=f"SAP nodes of {model} vs the reference ({provider})", title_justify="left")
+        table = Table(title=f"SAP nodes of {escape(str(model))} vs the reference ({provider})", title_justify="left")
         for col in ("node", "form", "mode", "shape", "runs", "mask diffs", "max ulps", "kept / expected", "z", "ok"):
             table.add_column(col, justify="left" if col in ("node", "form", "mode", "shape", "ok") else "right")
         for r in reports:
-            table.add_row(r.node, r.form, r.mode, "x".join(map(str, r.shape)), str(r.runs),
+            table.add_row(escape(r.node), r.form, r.mode, "x".join(map(str, r.shape)), str(r.runs),
                           str(r.mask_disagreements) if r.form == "custom" else "-",
                           f"{r.max_ulps:.1f}" if r.form == "custom" else "-",
                           f"{r.kept} / {r.expected_kept:.0f}", f"{r.z_kept:+.1f} / {r.z_mean:+.1f}",
@@ -209,7 +225,7 @@ def verify(
         out.print(table)
         for r in bad:
             for p in r.problems:
-                err.print(f"[red]{r.node}:[/] {p}", highlight=False)
+                err.print(f"[red]{escape(r.node)}:[/] {escape(p)}", highlight=False)
         out.print(f"{len(reports) - len(bad)} of {len(reports)} SAP nodes agree with the reference"
                   + ("" if not bad else "; see the problems above"))
     if bad:
@@ -336,9 +352,9 @@ def evaluate(
     if plot_path is not None:
         plot(result, plot_path)
     if as_json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
         return
-    table = Table(title=f"{len(x)} examples from {data}; robust = survives every attack (majority of {passes} runs)",
+    table = Table(title=f"{len(x)} examples from {escape(data)}; robust = survives every attack (majority of {passes} runs)",
                   title_justify="left")
     table.add_column("")
     for name in ("original", "hardened"):
@@ -358,7 +374,7 @@ def evaluate(
                                                              for n in ("original", "hardened")))
     out.print(table)
     out.print(f"queries: original {res['original']['queries']:,}, hardened {res['hardened']['queries']:,}"
-              + (f"; plot written to {plot_path}" if plot_path else ""))
+              + (f"; plot written to {escape(str(plot_path))}" if plot_path else ""))
 
 
 # API parameters whose CLI flag is not --parameter-name.
@@ -418,10 +434,10 @@ def sweep(
     if plot_path is not None:
         plot_sweep(result, plot_path)
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print_json(result.to_dict())
         return
     eps_keys = list(result.rows[0].worst)
-    table = Table(title=f"sweep of {model}: {len(x)} examples from {data}, attacks {attacks}; best worst case "
+    table = Table(title=f"sweep of {escape(str(model))}: {len(x)} examples from {escape(data)}, attacks {escape(attacks)}; best worst case "
                         f"first (majority of {passes} runs)", title_justify="left")
     for col in ["configuration", "clean 1 pass", f"clean {passes} passes", "ECE",
                 *(f"worst eps {e}" for e in eps_keys), "latency x"]:
@@ -436,7 +452,7 @@ def sweep(
     out.print(("configurations whose worst case beats the original's at every eps: " + ", ".join(better)) if better
               else "no configuration beats the original's worst case at every eps")
     if plot_path is not None:
-        out.print(f"plot written to {plot_path}")
+        out.print(f"plot written to {escape(str(plot_path))}")
 
 
 @app.command()
@@ -468,7 +484,7 @@ def tune(
     with _Progress("tune") as progress:
         result = tune_api(model, x, y, output, opts, overwrite=overwrite, progress=progress)
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print_json(result.to_dict())
         return
     table = Table(title=f"ratio per SAP site (most activations first); target: clean majority accuracy >= "
                         f"{100 * result.target:.1f}%", title_justify="left")
@@ -476,10 +492,10 @@ def tune(
         table.add_column(col, justify="left" if col == "SAP node" else "right")
     for name, ratio_ in result.ratios.items():
         m = result.activations[name]
-        table.add_row(name, f"{m:,}" if m else "dynamic", f"{ratio_:g}",
+        table.add_row(escape(name), f"{m:,}" if m else "dynamic", f"{ratio_:g}",
                       f"{max(1, round(ratio_ * m)):,}" if m else "run time")
     out.print(table)
-    final = Table(title=f"final evaluation on {len(x)} examples from {data} (the search took {len(result.steps)} "
+    final = Table(title=f"final evaluation on {len(x)} examples from {escape(data)} (the search took {len(result.steps)} "
                         "evaluations)", title_justify="left")
     for col in ("", "original", "tuned"):
         final.add_column(col, justify="left" if not col else "right")
@@ -492,8 +508,8 @@ def tune(
     if not result.steps[0].accepted:
         err.print(f"[yellow]warning:[/] even ratio {max_ratio:g} at every site misses the budget; every site kept "
                   "it (raise --max-ratio or --budget)", highlight=False)
-    out.print(f"wrote [bold]{result.output}[/] (ratios in metadata_props onnx_sap.site_ratios)\n"
-              f"next: onnx-sap evaluate {model} {result.output} --data TEST   (robustness on data not used here)")
+    out.print(f"wrote [bold]{escape(str(result.output))}[/] (ratios in metadata_props onnx_sap.site_ratios)\n"
+              f"next: onnx-sap evaluate {escape(str(model))} {escape(str(result.output))} --data TEST   (robustness on data not used here)")
 
 
 @app.command()
@@ -520,9 +536,9 @@ def bench(
     results = bench_api(load_model(model), load_model(hardened) if hardened else None, provider=provider,
                         batches=tuple(batch), threads=threads, rounds=rounds, options=opts, output=output)
     if as_json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
+        print_json([r.to_dict() for r in results])
         return
-    table = Table(title=f"{model}: original vs hardened ({provider}, {rounds} interleaved rounds)", title_justify="left")
+    table = Table(title=f"{escape(str(model))}: original vs hardened ({provider}, {rounds} interleaved rounds)", title_justify="left")
     for col in ("batch", "original p50 ms", "p90", "hardened p50 ms", "p90", "throughput orig/s", "hardened/s",
                 "hardened / original"):
         table.add_column(col, justify="right")
@@ -538,7 +554,7 @@ def version() -> None:
     """Print the version, the op library and whether it has CUDA kernels."""
     from .runtime import get_library_path, has_cuda_kernels
 
-    out.print(f"onnx-sap {__version__}; op library {get_library_path()}; CUDA kernels: {has_cuda_kernels()}")
+    out.print(f"onnx-sap {__version__}; op library {escape(get_library_path())}; CUDA kernels: {has_cuda_kernels()}")
 
 
 def main() -> None:
@@ -547,8 +563,6 @@ def main() -> None:
         rc = app(standalone_mode=False)  # click returns Exit codes here rather than raising them
         sys.exit(rc if isinstance(rc, int) else 0)
     except OnnxSapError as e:  # an API parameter's error names the CLI flag here
-        from rich.markup import escape
-
         message = e.as_flag(_FLAGS) if isinstance(e, OptionError) else str(e)
         err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -559,10 +573,10 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:  # usage errors (click's, vendored by Typer) and anything unforeseen: one line
         if hasattr(e, "format_message"):
-            err.print(f"[bold red]error:[/] {e.format_message()} (see --help)", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(e.format_message())} (see --help)", highlight=False, soft_wrap=True)
             sys.exit(2)
         if type(e).__name__ == "Abort":
             sys.exit(1)
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (please report this)", highlight=False,
+        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} (please report this)", highlight=False,
                   soft_wrap=True)
         sys.exit(1)

@@ -33,7 +33,7 @@ import onnx
 from . import attacks as attack_fns
 from .distributed import open_executor, parse_scheduler
 from .errors import OnnxSapError, OptionError
-from .metrics import Classifier, expected_calibration_error, score
+from .metrics import Classifier, check_data_fits, expected_calibration_error, score
 from .rewrite import strip_model
 from .runtime import make_session, provider_name, score_output
 from .sap_nodes import has_sap
@@ -344,6 +344,8 @@ def evaluate(original: onnx.ModelProto | None, hardened: onnx.ModelProto, x: np.
     if original is None:
         original, _ = strip_model(hardened)
     score_output(make_session(original, opts.provider), opts.output)  # a bad output fails here, before any shard
+    for model in (original, hardened):  # data that does not fit: one clear error before any shard
+        check_data_fits(Classifier(model, opts.provider, opts.batch_rows, output=opts.output), x, y)
     targets = {"original": ModelRef.of(original), "hardened": ModelRef.of(hardened)}
     progress = progress or EvaluateProgress()
     progress.begin(len(x), "examples")

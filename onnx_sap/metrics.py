@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import OnnxSapError
+from .errors import OnnxSapError, first_line
 from .runtime import NUMPY_TYPES, as_scores, example_file, make_session, score_output
 from .sap_nodes import has_sap, with_seed
 
@@ -26,11 +26,33 @@ def load_data(spec: str | Path, limit: int | None = None) -> tuple[np.ndarray, n
             x, y = d["x"], d["y"]
     except (KeyError, ValueError, OSError) as e:
         raise OnnxSapError(f"--data {spec}: expected an .npz with arrays 'x' and 'y' ({e})") from None
-    if len(x) != len(y) or len(x) == 0:
-        raise OnnxSapError(f"--data {spec}: x has {len(x)} rows and y {len(y)}; they must match and be non-empty")
+    if x.ndim < 1 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+        raise OnnxSapError(f"--data {spec}: x has shape {list(x.shape)} and y {list(y.shape)}; give one label "
+                           "per row of x (y of rank 1, same length, non-empty)")
+    if x.dtype.kind not in "biuf" or y.dtype.kind not in "biu":
+        raise OnnxSapError(f"--data {spec}: x must hold numbers and y integer class indices, got {x.dtype} and "
+                           f"{y.dtype}")
     if limit:
         x, y = x[:limit], y[:limit]
     return x.astype(np.float32), y.astype(np.int64)
+
+
+def check_data_fits(clf: Classifier, x: np.ndarray, y: np.ndarray) -> None:
+    """Raise OnnxSapError unless x fits the model's input (rank and static dims) and every label is
+    one of the classes of its score output."""
+    inp = clf.session.get_inputs()[0]
+    dims = list(inp.shape)
+    if len(dims) != x.ndim or any(isinstance(d, int) and d > 0 and d != n for d, n in zip(dims[1:], x.shape[1:])):
+        raise OnnxSapError(f"--data: x has shape {list(x.shape)} but the model's input {inp.name!r} is {dims}; "
+                           "give an .npz whose x rows have the model's input shape")
+    try:
+        classes = clf.logits(x[:1]).shape[-1]
+    except Exception as e:  # ONNX Runtime's errors are long: keep the first line
+        raise OnnxSapError(f"--data: the model fails on the first row of x ({first_line(e)}); check that the data "
+                           "is the model's input") from None
+    if y.min() < 0 or y.max() >= classes:
+        raise OnnxSapError(f"--data: labels must be class indices in [0, {classes}) for this model's output, got "
+                           f"{int(y.min())}..{int(y.max())}")
 
 
 class Classifier:

@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnx.external_data_helper
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from .errors import OnnxSapError, first_line
 
@@ -38,9 +39,10 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     external = uses_external_data(model)
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as e:
-        raise OnnxSapError(f"{p}: its external data could not be read ({e}); keep the data files beside the model")
-    check_opset(model, str(p))
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:
+        raise OnnxSapError(f"{p}: its external data could not be read ({first_line(e)}); keep the data files "
+                           "beside the model") from None
+    check_input_model(model, p)
     return model, external
 
 
@@ -97,9 +99,10 @@ def read_lean_model(path: str | os.PathLike) -> LeanModel:
         for t in onnx.external_data_helper._get_all_tensors(lean):  # the rest, as onnx.load would
             if onnx.external_data_helper.uses_external_data(t) and not _is_held(t):
                 onnx.external_data_helper.load_external_data_for_tensor(t, str(p.parent))
-    except (OSError, ValueError) as e:
-        raise OnnxSapError(f"{p}: its external data could not be read ({e}); keep the data files beside the model")
-    check_opset(lean, str(p))
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:
+        raise OnnxSapError(f"{p}: its external data could not be read ({first_line(e)}); keep the data files "
+                           "beside the model") from None
+    check_input_model(lean, p)
     return LeanModel(lean, weights, external)
 
 
@@ -168,6 +171,76 @@ def _parse(p: Path) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise OnnxSapError(f"{p}: not an ONNX model (no graph); re-export it or check the file is complete")
     return model
+
+
+def check_input_model(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> None:
+    """Raise OnnxSapError("the input model is invalid: ...") unless model passes onnx.checker's full
+    check (strict shape inference included), every name is UTF-8 and every initializer holds the
+    data its dims need: what the rewriter may assume, so that a model it writes which fails the
+    checker is its own fault. From a path, the checker reads the file (external data stays on disk);
+    a lean model is checked without its held weights."""
+    check_opset(model, str(path) if path else "the model")
+    problem = _bad_string(model) or _bad_initializer(model.graph)
+    if problem is None:
+        try:
+            if any(_is_held(t) for t in model.graph.initializer):  # a lean model: check it without the weights
+                with tempfile.TemporaryDirectory(prefix="onnx-sap-check-") as tmp:
+                    onnx.checker.check_model(str(_checkable(model, Path(tmp))), full_check=True)
+            elif path is not None:
+                onnx.checker.check_model(os.fspath(path), full_check=True)
+            elif model_bytes(model) < EXTERNAL_DATA_THRESHOLD:  # protobuf cannot serialize more for the checker
+                onnx.checker.check_model(model, full_check=True)
+        except MemoryError:
+            raise
+        except Exception as e:  # onnx raises ValidationError, InferenceError, SchemaError, ValueError, ...
+            problem = first_line(e)
+    if problem is not None:
+        raise OnnxSapError(f"the input model is invalid: {problem}; fix or re-export it "
+                           "(onnx.checker.check_model(model, full_check=True) checks it)")
+
+
+def _bad_string(message) -> str | None:
+    """Where a string field holds bytes that are not UTF-8 (protobuf hands those over as bytes)."""
+    for fd, value in message.ListFields():
+        if fd.type == FieldDescriptor.TYPE_STRING:
+            for v in ([value] if isinstance(value, (str, bytes)) else value):
+                if isinstance(v, bytes):
+                    return f"a {type(message).__name__[:-5]} {fd.name} is not valid UTF-8 ({v[:40]!r})"
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+            for v in ([value] if isinstance(value, Message) else value):
+                found = _bad_string(v)
+                if found:
+                    return found
+    return None
+
+
+# Bytes per element of the tensor types whose raw_data size follows from dims (packed 4-bit types,
+# strings and unknown types are left to onnx and ONNX Runtime).
+_ITEM_BYTES = {TP: n for n, tps in {1: ("UINT8", "INT8", "BOOL", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2",
+                                       "FLOAT8E5M2FNUZ"),
+                                   2: ("UINT16", "INT16", "FLOAT16", "BFLOAT16"),
+                                   4: ("FLOAT", "INT32", "UINT32"), 8: ("DOUBLE", "INT64", "UINT64", "COMPLEX64"),
+                                   16: ("COMPLEX128",)}.items()
+               for TP in (getattr(onnx.TensorProto, t) for t in tps if hasattr(onnx.TensorProto, t))}
+_TYPED_FIELD = {onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
+                onnx.TensorProto.INT64: "int64_data", onnx.TensorProto.INT32: "int32_data"}
+
+
+def _bad_initializer(graph: onnx.GraphProto) -> str | None:
+    """Which initializer (of any subgraph) holds fewer or more elements than its dims say."""
+    for t in _all_initializers(graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL or any(d < 0 for d in t.dims):
+            continue  # not loaded (or checked by onnx.checker)
+        n = 1
+        for d in t.dims:
+            n *= d
+        item = _ITEM_BYTES.get(t.data_type)
+        if t.raw_data and item is not None and len(t.raw_data) != n * item:
+            return f"initializer {t.name!r} holds {len(t.raw_data)} bytes where its dims {list(t.dims)} need {n * item}"
+        field = _TYPED_FIELD.get(t.data_type)
+        if not t.raw_data and field is not None and len(getattr(t, field)) != n:
+            return f"initializer {t.name!r} holds {len(getattr(t, field))} values where its dims {list(t.dims)} need {n}"
+    return None
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
@@ -267,7 +340,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
         if check:
             try:
                 onnx.checker.check_model(str(_checkable(model, stage) if weights else staged), full_check=True)
-            except onnx.checker.ValidationError as e:
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
                 raise OnnxSapError(f"the rewritten model fails onnx.checker ({first_line(e)}); please report "
                                    "this with the model") from None
         if before_commit is not None:

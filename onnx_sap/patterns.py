@@ -110,8 +110,11 @@ def same(a: gs.Tensor | None, b: gs.Tensor | None) -> bool:
 
 
 def producer(t: gs.Tensor) -> gs.Node | None:
-    """The node that computes t, looking through pass-through nodes; None for inputs and constants."""
-    return raw_producer(source(t))
+    """The node that computes t, looking through pass-through nodes; None for inputs and constants,
+    and for ops of other domains: matchers rely on the input counts of the standard ops' schemas
+    (which onnx.checker enforced), and an op of another domain may share a name but not a schema."""
+    p = raw_producer(source(t))
+    return p if p is None or is_standard(p) else None
 
 
 def constant_value(t: gs.Tensor) -> np.ndarray | None:
@@ -158,7 +161,7 @@ def only_consumer(t: gs.Tensor, node: gs.Node) -> bool:
 def sole_consumer(t: gs.Tensor, op: str) -> gs.Node | None:
     """t's only consumer when it has op type op, else None."""
     node = _sole_reader(t)
-    return node if node is not None and node.op == op else None
+    return node if node is not None and node.op == op and is_standard(node) else None
 
 
 def other_input(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
@@ -497,7 +500,7 @@ def find_activations(graph: gs.Graph) -> list[Match]:
     matches: list[Match] = []
     for matcher in PATTERN_MATCHERS:
         for node in graph.nodes:
-            if id(node) in taken:
+            if id(node) in taken or not is_standard(node):  # patterns are made of standard ops
                 continue
             m = matcher(node)
             if m is not None and not any(id(n) in taken for n in m.nodes) and isinstance(m.output, gs.Variable):

@@ -33,6 +33,20 @@ from .sap_nodes import (CUSTOM, ENSEMBLE_IN, ENSEMBLE_OUT, PORTABLE, find_sap_no
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FLOAT32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 ENSEMBLE_REDUCES = ("probs", "logits")
+# Element types the SAP op (and the ensemble's reduction) takes; others (bfloat16, integers) are refused.
+SAP_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def dtype_name(dtype) -> str:
+    """A readable name for an onnx-graphsurgeon dtype (a NumPy dtype, or an ONNX type number when NumPy
+    has none, as for bfloat16)."""
+    if isinstance(dtype, int):
+        return onnx.TensorProto.DataType.Name(dtype).lower() if dtype in onnx.TensorProto.DataType.values() \
+            else f"type {dtype}"
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
 
 
 @dataclass
@@ -171,6 +185,8 @@ def make_plan(graph: gs.Graph, options: HardenOptions) -> tuple[Plan, list[tuple
                 site.selected, site.reason = False, match.excluded
             if site.selected and shape is not None and len(shape) <= options.axis:
                 site.selected, site.reason = False, f"rank {len(shape)} <= --axis {options.axis}"
+            if site.selected and match.output.dtype is not None and match.output.dtype not in SAP_DTYPES:
+                site.selected, site.reason = False, f"{dtype_name(match.output.dtype)}: SAP takes float16/32/64"
             plan.sites.append(site)
             if site.selected:
                 chosen.append((g, match, site))
@@ -231,14 +247,23 @@ def _add_ensemble(graph: gs.Graph, k: int, reduce: str, opset: int, names: _Name
             consumer.inputs[consumer.inputs.index(x)] = tiled
         graph.nodes.insert(0, gs.Node("Concat", name=node_name(region_name(ENSEMBLE_IN, i), "out"), inputs=[x] * k,
                                       outputs=[tiled], attrs={"axis": 0}))
+    # Every tensor after the inputs now holds k times the batch: shapes inferred for the original
+    # (a static batch size) would contradict it, so they are left for inference to redo.
+    outputs = {id(t) for t in graph.outputs}
+    for _, g in iter_graphs(graph):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Variable) and id(t) not in outputs and not any(t is x for x in graph.inputs):
+                t.shape = None
     for i, y in enumerate(list(graph.outputs)):
-        if y.dtype is not None and np.dtype(y.dtype).kind != "f":
-            raise OnnxSapError(f"--ensemble needs float outputs; output {y.name!r} is {np.dtype(y.dtype)}")
+        if y.dtype is not None and y.dtype not in SAP_DTYPES:
+            raise OnnxSapError(f"--ensemble needs float16/float32/float64 outputs; output {y.name!r} is "
+                               f"{dtype_name(y.dtype)}")
         src = raw_producer(y)
         if src is None:
             raise OnnxSapError(f"--ensemble: output {y.name!r} is not computed by the graph")
         already_probs = src.op == "Softmax"
         members, _ = _detach_output(graph, y, names, "__members")
+        members.shape = None  # k times the output's batch
         p = region_name(ENSEMBLE_OUT, i)
 
         def v(tag: str) -> gs.Variable:
@@ -256,21 +281,30 @@ def _add_ensemble(graph: gs.Graph, k: int, reduce: str, opset: int, names: _Name
                     attrs={"axis": 0}),
             gs.Node("Reshape", name=f"{p}#regroup", inputs=[members, new_shape], outputs=[grouped]),
         ]
-        probs = reduce == "probs" and not already_probs
-        to_mean = grouped
-        if probs:
-            to_mean = v("softmax")
-            nodes.append(gs.Node("Softmax", name=f"{p}#softmax", inputs=[grouped], outputs=[to_mean],
-                                 attrs={"axis": -1}))
-        mean = v("mean") if probs else y
-        if opset >= 18:
-            nodes.append(gs.Node("ReduceMean", name=f"{p}#mean" if probs else f"{p}#out",
-                                 inputs=[to_mean, const("axes", [0])], outputs=[mean], attrs={"keepdims": 0}))
+
+        def reduce_first(op: str, x: gs.Variable, out: gs.Variable, role: str, keepdims: int) -> gs.Node:
+            if opset >= 18:
+                return gs.Node(op, name=f"{p}#{role}", inputs=[x, const("axes", [0])], outputs=[out],
+                               attrs={"keepdims": keepdims})
+            return gs.Node(op, name=f"{p}#{role}", inputs=[x], outputs=[out], attrs={"axes": [0], "keepdims": keepdims})
+
+        if reduce == "probs" and not already_probs:
+            # log(mean_k softmax(z_k)) as a log-sum-exp over k of l_k = log_softmax(z_k), shifted by
+            # max_k l_k: finite for any finite logits (log(mean(softmax)) underflows to -inf once a
+            # logit trails the top one by more than about 104).
+            logp, top, top_k, shifted, e, mean, log_mean = (v(t) for t in ("logp", "max", "max_k", "shifted", "exp",
+                                                                            "mean", "log_mean"))
+            nodes += [gs.Node("LogSoftmax", name=f"{p}#log_softmax", inputs=[grouped], outputs=[logp],
+                              attrs={"axis": -1}),
+                      reduce_first("ReduceMax", logp, top, "max", 0),
+                      reduce_first("ReduceMax", logp, top_k, "max_k", 1),
+                      gs.Node("Sub", name=f"{p}#shift", inputs=[logp, top_k], outputs=[shifted]),
+                      gs.Node("Exp", name=f"{p}#exp", inputs=[shifted], outputs=[e]),
+                      reduce_first("ReduceMean", e, mean, "mean", 0),
+                      gs.Node("Log", name=f"{p}#log", inputs=[mean], outputs=[log_mean]),
+                      gs.Node("Add", name=f"{p}#out", inputs=[top, log_mean], outputs=[y])]
         else:
-            nodes.append(gs.Node("ReduceMean", name=f"{p}#mean" if probs else f"{p}#out", inputs=[to_mean],
-                                 outputs=[mean], attrs={"axes": [0], "keepdims": 0}))
-        if probs:
-            nodes.append(gs.Node("Log", name=f"{p}#out", inputs=[mean], outputs=[y]))
+            nodes.append(reduce_first("ReduceMean", grouped, y, "out", 0))
         graph.nodes.extend(nodes)
 
 
@@ -413,9 +447,12 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, provenance: dict | None)
     model.graph.doc_string = original.graph.doc_string
     if original.ir_version < 4:
         # IR < 4 lists every initializer as a graph input, which the export drops; the checker
-        # requires them back, in the original order.
+        # requires them back, in the original order: those of the initializers still there (an
+        # unused one is dropped, and its input with it, or the model would require it as an input).
+        initializers = {t.name for t in original.graph.initializer}
+        kept = {t.name for t in model.graph.initializer}
         del model.graph.input[:]
-        model.graph.input.extend(original.graph.input)
+        model.graph.input.extend(i for i in original.graph.input if i.name not in initializers or i.name in kept)
     return model
 
 

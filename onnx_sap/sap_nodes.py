@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import onnx
 
+from .errors import OnnxSapError
 from .reference import MAX_SAMPLES
 from .runtime import DOMAIN, OP_TYPE
 
@@ -203,9 +204,21 @@ def with_deterministic_sap(model: onnx.ModelProto, seed: int = 1) -> onnx.ModelP
     return out
 
 
+# Seeds of verify and evaluate: node seeds are seed * 1000 + node index, which must stay an int64
+# attribute (and exact as the float seed of the portable form's random ops).
+MAX_DERIVED_SEED = 2**53
+
+
+def check_derived_seed(seed: int) -> None:
+    """Raise OnnxSapError unless seed is one with_seed can derive node seeds from."""
+    if not 0 <= seed < MAX_DERIVED_SEED:
+        raise OnnxSapError(f"--seed must be in [0, 2^53), got {seed}")
+
+
 def with_seed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     """A copy whose SAP nodes draw reproducible streams, derived from seed (evaluation and
     verification only: a fixed seed is predictable)."""
+    check_derived_seed(seed)
     out = copy.deepcopy(model)
     for i, (_, node) in enumerate(iter_nodes(out.graph)):
         parsed = parse_name(node.name)
@@ -216,6 +229,6 @@ def with_seed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     return out
 
 
-__all__ = ["PREFIX", "REGIONS", "SapName", "SapNode", "find_sap_nodes", "form_of", "has_sap", "is_custom",
+__all__ = ["PREFIX", "REGIONS", "SapName", "SapNode", "check_derived_seed", "find_sap_nodes", "form_of", "has_sap", "is_custom",
            "iter_graphs", "iter_nodes", "node_attributes", "node_name", "parse_name", "region_name", "region_of",
            "set_attributes", "with_deterministic_sap", "with_seed"]

@@ -20,7 +20,7 @@ from .check import random_feeds
 from .errors import OnnxSapError
 from .reference import MAX_ULPS, compare_with_reference
 from .runtime import make_session
-from .sap_nodes import PORTABLE, is_custom, node_attributes, parse_name, with_seed
+from .sap_nodes import PORTABLE, check_derived_seed, is_custom, node_attributes, parse_name, with_seed
 
 Z_LIMIT = 6.0
 
@@ -104,10 +104,9 @@ def _portable_regions(graph: onnx.GraphProto) -> dict[str, tuple[str, str, dict]
                 reg["mode"] = "bernoulli"
             elif role == "axes":
                 reg["axis_tensor"] = n.input[0]
-    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     out = {}
     for key, reg in regions.items():
-        reg["axis"] = int(consts.get(reg.get("axis_tensor"), np.array(1)))
+        reg["axis"] = int(_initializer(graph, reg.get("axis_tensor"), 1))
         out[key] = (reg["input"], reg["output"], reg)
     return out
 
@@ -115,6 +114,9 @@ def _portable_regions(graph: onnx.GraphProto) -> dict[str, tuple[str, str, dict]
 def verify(model: onnx.ModelProto | str | Path, *, provider: str = "cpu", runs: int = 8, seed: int = 20260101,
            feeds: dict[str, np.ndarray] | None = None) -> list[NodeReport]:
     """Check every SAP node of a hardened model against the reference (custom) or statistics (portable)."""
+    if runs < 1:
+        raise OnnxSapError(f"--runs must be >= 1, got {runs}")
+    check_derived_seed(seed)
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     # From a file, tensors stay on disk (models over 2 GiB): the tapped copy is written beside it.
     m = model if path is None else onnx.load(str(path), load_external_data=False)
@@ -185,9 +187,15 @@ def verify(model: onnx.ModelProto | str | Path, *, provider: str = "cpu", runs: 
     return reports
 
 
+def _initializer(graph: onnx.GraphProto, name: str | None, default: float) -> np.ndarray | float:
+    """The value of one (small) initializer: reading them all would read the weights too, which stay
+    on disk when stored as external data (and resolve relative to the model, not the current folder)."""
+    t = next((t for t in graph.initializer if t.name == name), None)
+    return default if t is None else onnx.numpy_helper.to_array(t)
+
+
 def _portable_ratio(graph: onnx.GraphProto, key: str):
     """r as a function of m for a portable region: from its ratio constant, or its fixed r."""
-    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     fixed = None
     ratio = None
     for n in graph.node:
@@ -197,7 +205,7 @@ def _portable_ratio(graph: onnx.GraphProto, key: str):
         if parsed.role == "r" and n.op_type == "Constant":
             fixed = float(onnx.numpy_helper.to_array(n.attribute[0].t))
         if parsed.role == "r_mul":
-            ratio = float(consts.get(n.input[1], np.array(1.0)))
+            ratio = float(_initializer(graph, n.input[1], 1.0))
     if ratio is not None:
         return lambda m: max(1, int(np.floor(ratio * m))) * (fixed or 1.0)
     return lambda m: fixed

@@ -39,10 +39,10 @@ def test_verify_portable_form_statistically_and_catches_a_corrupted_scale(tmp_pa
     h = harden(cnn(), portable=True, mode="bernoulli").model
     assert all(r.ok for r in verify(h, runs=200))
     # Corrupt the survivors' scale (x / q becomes 1.25 x / q): E[Y] = X no longer holds.
+    scale = onnx.numpy_helper.from_array(np.array(1.25, np.float32), name="corrupt_scale")  # float32 math
+    h.graph.initializer.append(scale)  # once: initializer names are unique in a valid model
     for node in h.graph.node:
         if node.name.endswith("#x_over_q"):
-            scale = onnx.numpy_helper.from_array(np.array(1.25, np.float32), name="corrupt_scale")  # float32 math
-            h.graph.initializer.append(scale)
             mul_out = node.output[0] + "_corrupt"
             h.graph.node.append(onnx.helper.make_node("Mul", [mul_out, "corrupt_scale"], [node.output[0]]))
             node.output[0] = mul_out
