@@ -72,12 +72,23 @@ def test_verify_skips_nothing_silently_for_subgraph_only_models():
         verify(harden(with_if()).model)
 
 
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors a node reads, including those its If/Loop bodies read from the outer graph."""
+    names = set(node.input)
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                names |= _reads(n)
+    return names
+
+
 def _toposort(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    produced = {o for n in graph.node for o in n.output}
     pending, done = list(graph.node), []
     while pending:
         for n in pending:
-            if all(i in available for i in n.input):
+            if all(i in available or i not in produced for i in _reads(n)):
                 done.append(n)
                 available.update(n.output)
                 pending.remove(n)
