@@ -12,7 +12,7 @@ from .check import CheckReport, check_hardened
 from .errors import OnnxSapError
 from .rewrite import HardenOptions, HardenResult, Plan, harden_model, plan_model, strip_model
 from .sap_nodes import with_deterministic_sap
-from .modelio import LeanModel, check_input_model, check_output_path, read_lean_model, save_model
+from .modelio import LeanModel, check_input_model, check_output_path, read_lean_model, read_model, save_model
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -23,6 +23,16 @@ def _load(model: ModelLike) -> tuple[LeanModel, Path | None]:
         check_input_model(model)
         return LeanModel(model, {}, False), None
     return read_lean_model(model), Path(model)
+
+
+def _load_whole(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, bool]:
+    """(model with all its tensors, its path or None, whether its file kept tensors as external data):
+    for sweep and tune, whose sessions are opened from the ModelProto alone."""
+    if isinstance(model, onnx.ModelProto):
+        check_input_model(model)
+        return model, None, False
+    loaded, external = read_model(model)
+    return loaded, Path(model), external
 
 
 def default_output(input_path: Path, suffix: str) -> Path:
@@ -114,7 +124,7 @@ def sweep(model: ModelLike, x, y, options=None, evaluate_options=None, *, progre
 
     options = options or SweepOptions(**option_values)
     options.validate()
-    original, _, _ = _load(model)
+    original, _, _ = _load_whole(model)
     return sweep_models(original, x, y, options, evaluate_options, progress, scheduler=scheduler)
 
 
@@ -130,7 +140,7 @@ def tune(model: ModelLike, x, y, output: str | os.PathLike | None = None, option
 
     options = options or TuneOptions(**option_values)
     options.validate()
-    original, in_path, external = _load(model)
+    original, in_path, external = _load_whole(model)
     out_path = Path(output) if output is not None else (default_output(in_path, "tuned") if in_path else None)
     if out_path is not None:
         check_output_path(out_path, in_path, overwrite)
