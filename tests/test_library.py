@@ -137,3 +137,10 @@ def test_the_loaded_library_is_get_library_path():
     loaded = {line.split()[-1] for line in maps.read_text().splitlines() if LIBRARY_NAME in line}
     expected = os.environ.get("ONNX_SAP_LIBRARY") or get_library_path()
     assert loaded == {str(Path(expected).resolve())}
+
+
+def test_stays_loaded_until_exit():
+    # ONNX Runtime dlclose()s the library with its last SessionOptions; queued thread_local destructors
+    # would then run at exit from unmapped code (a crash at exit, seen with the zig-built wheel).
+    flags = next(line for line in _readelf("-d").splitlines() if "FLAGS_1" in line)
+    assert "NODELETE" in flags
