@@ -78,7 +78,7 @@ def main() -> None:
     targets = (("bernoulli", 2.5), ("multinomial", 8.0)) if args.portable else (("bernoulli", 1.10), ("multinomial", 1.25))
     for mode, target in targets:
         for r in bench(model, batches=tuple(args.batch), threads=args.threads, rounds=args.rounds,
-                       options=HardenOptions(mode=mode, portable=args.portable)):
+                       harden=HardenOptions(mode=mode, portable=args.portable)):
             print(f"  {mode:<11} batch {r.batch:>3}: original p50 {r.original.p50_ms:8.2f} ms, hardened p50 "
                   f"{r.hardened.p50_ms:8.2f} ms, hardened/original {r.ratio_p50:.3f} (p90 {r.ratio_p90:.3f}; "
                   f"target <= {target})")

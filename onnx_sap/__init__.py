@@ -1,8 +1,12 @@
 """onnx-sap: Stochastic Activation Pruning for exported ONNX classifiers, without retraining."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
-from .errors import OnnxSapError
+from .errors import OnnxSapError, OptionError
 from .runtime import (
     DOMAIN,
     OP_TYPE,
@@ -10,11 +14,19 @@ from .runtime import (
     get_library_path,
     has_cuda_kernels,
     make_session,
+    register_library,
     run_cuda_kernel,
     session_options,
 )
 
-_LAZY = {"harden": "api", "inspect": "api", "strip": "api", "sweep": "api", "tune": "api", "HardenOptions": "rewrite"}
+if TYPE_CHECKING:  # what __getattr__ below imports on first use, for type checkers and IDEs
+    from .api import StripResult, harden, inspect, strip, sweep, tune
+    from .bench import BenchOptions
+    from .rewrite import HardenOptions
+    from .verify import VerifyOptions
+
+_LAZY = {"harden": "api", "inspect": "api", "strip": "api", "sweep": "api", "tune": "api", "StripResult": "api",
+         "HardenOptions": "rewrite", "VerifyOptions": "verify", "BenchOptions": "bench"}
 
 
 def __getattr__(name: str):
@@ -26,8 +38,16 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
+    "BenchOptions",
     "HardenOptions",
+    "StripResult",
+    "VerifyOptions",
     "harden",
     "inspect",
     "strip",
@@ -36,11 +56,13 @@ __all__ = [
     "DOMAIN",
     "OP_TYPE",
     "OnnxSapError",
+    "OptionError",
     "__version__",
     "cuda_device_count",
     "get_library_path",
     "has_cuda_kernels",
     "make_session",
+    "register_library",
     "run_cuda_kernel",
     "session_options",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import onnx
 
@@ -13,6 +14,7 @@ from .errors import OnnxSapError
 from .rewrite import HardenOptions, HardenResult, Plan, harden_model, plan_model, strip_model
 from .sap_nodes import with_deterministic_sap
 from .modelio import LeanModel, check_input_model, check_output_path, read_lean_model, read_model, save_model
+from .summary import ModelSummary, summarize
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -47,6 +49,8 @@ class HardenReport(HardenResult):
 
     output: Path | None = None
     check: CheckReport | None = None
+    before: ModelSummary | None = None  # the input model
+    after: ModelSummary | None = None  # the hardened model (None for a dry run)
 
 
 def harden(
@@ -57,6 +61,7 @@ def harden(
     check: bool = True,
     overwrite: bool = False,
     dry_run: bool = False,
+    progress: Callable[[str], None] = lambda message: None,
     **option_values,
 ) -> HardenReport:
     """Harden a model (ModelProto or path) with SAP after its activations.
@@ -64,7 +69,8 @@ def harden(
     Options come as a HardenOptions or as keywords (ratio=, mode=, ...). With a path and no output,
     the result goes beside the input as model.sap.onnx; with a ModelProto it is written only when
     output is given. dry_run plans and writes nothing. The check (unless check=False) runs the
-    original and the hardened model in ONNX Runtime before anything is written.
+    original and the hardened model in ONNX Runtime before anything is written. progress is told
+    what each stage did as it finishes.
     """
     options = options or HardenOptions(**option_values)
     options.validate()
@@ -73,10 +79,14 @@ def harden(
     out_path = Path(output) if output is not None else (default_output(in_path, "sap") if in_path else None)
     if out_path is not None and not dry_run:
         check_output_path(out_path, in_path, overwrite)
+    before = summarize(original)
     if dry_run:
-        return HardenReport(original, plan_model(original, options))
+        return HardenReport(original, plan_model(original, options), before=before)
     result = harden_model(original, options)
-    report = HardenReport(result.model, result.plan)
+    report = HardenReport(result.model, result.plan, before=before, after=summarize(result.model))
+    # The first line once the input has passed every check: bad input stays a one-line error.
+    progress(f"read {in_path or 'the model'} ({before.nodes} nodes) and inserted SAP at "
+             f"{len(result.plan.selected)} of {len(result.plan.sites)} activation sites")
     portable_multinomial = options.portable and options.mode == "multinomial"
 
     def run_check(staged: Path | None) -> None:
@@ -87,18 +97,27 @@ def harden(
             # onnx.save_model may have moved to external data.
             hardened = result.model if weights or staged is None else str(staged)
             report.check = check_hardened(orig, hardened, options, portable_multinomial, weights)
+            progress("checked: original and hardened run in ONNX Runtime and agree")
 
     if out_path is None:
         run_check(None)
         return report
     report.output = save_model(result.model, out_path, external_data=read.external, before_commit=run_check,
                                weights=weights)
+    progress(f"wrote {report.output}")
     return report
 
 
-def strip(model: ModelLike, output: str | os.PathLike | None = None, *, overwrite: bool = False
-          ) -> tuple[onnx.ModelProto, int, Path | None]:
-    """Remove every SAP node; returns (model, regions removed, path written or None)."""
+class StripResult(NamedTuple):
+    """strip's result (also unpacks as a tuple)."""
+
+    model: onnx.ModelProto
+    regions_removed: int  # SAP regions taken out: custom nodes, portable subgraphs, ensemble ends
+    output: Path | None  # where it was written, or None
+
+
+def strip(model: ModelLike, output: str | os.PathLike | None = None, *, overwrite: bool = False) -> StripResult:
+    """Remove every SAP node, restoring the original computation bit for bit."""
     read, in_path = _load(model)
     out_path = Path(output) if output is not None else (default_output(in_path, "stripped") if in_path else None)
     if out_path is not None:
@@ -106,12 +125,25 @@ def strip(model: ModelLike, output: str | os.PathLike | None = None, *, overwrit
     stripped, removed = strip_model(read.model)
     if out_path is not None:
         save_model(stripped, out_path, external_data=read.external, weights=read.weights)
-    return stripped, removed, out_path
+    return StripResult(stripped, removed, out_path)
 
 
-def inspect(model: ModelLike, options: HardenOptions | None = None) -> Plan:
-    """The activation sites harden would rewrite, and any SAP nodes already present."""
-    return plan_model(_load(model)[0].model, options or HardenOptions())
+@dataclass
+class InspectReport(Plan):
+    """inspect's result: the plan harden would follow, and the model's summary."""
+
+    summary: ModelSummary | None = None
+
+    def to_dict(self) -> dict:
+        return {"model": self.summary.to_dict() if self.summary else None, **super().to_dict()}
+
+
+def inspect(model: ModelLike, options: HardenOptions | None = None) -> InspectReport:
+    """The model's inputs, outputs, opsets, nodes and weights; the activation sites harden would
+    rewrite; and any SAP nodes already present."""
+    original = _load(model)[0].model
+    plan = plan_model(original, options or HardenOptions())
+    return InspectReport(plan.sites, plan.existing, plan.options, summarize(original))
 
 
 def sweep(model: ModelLike, x, y, options=None, evaluate_options=None, *, progress=None, scheduler=None,
@@ -151,4 +183,4 @@ def tune(model: ModelLike, x, y, output: str | os.PathLike | None = None, option
     return result
 
 
-__all__ = ["HardenReport", "default_output", "harden", "inspect", "strip", "sweep", "tune", "OnnxSapError"]
+__all__ = ["HardenReport", "InspectReport", "ModelSummary", "StripResult", "default_output", "harden", "inspect", "strip", "sweep", "tune", "OnnxSapError"]

@@ -9,15 +9,43 @@ the cores of the session being timed.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
 
 from .check import random_feeds
-from .errors import OnnxSapError
+from .errors import OptionError
 from .rewrite import HardenOptions, harden_model
-from .runtime import make_session, score_output
+from .runtime import make_session, provider_name, score_output
+
+
+@dataclass
+class BenchOptions:
+    """How bench times the two models; the CLI's options, one for one (harden: for in-memory hardening)."""
+
+    provider: str = "cpu"
+    batches: tuple[int, ...] = (1,)
+    threads: int | None = None
+    rounds: int = 30
+    warmup: int = 3
+    seed: int = 0
+    output: str | None = None  # the output each run computes (default: runtime.score_output's choice)
+    harden: HardenOptions = field(default_factory=HardenOptions)
+
+    def validate(self) -> None:
+        """Raise OptionError naming the first bad option."""
+        provider_name(self.provider)
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise OptionError("batches", f"must be one or more batch sizes >= 1, got {list(self.batches)}")
+        if self.threads is not None and self.threads < 1:
+            raise OptionError("threads", f"must be >= 1 (or None: all cores), got {self.threads}")
+        if self.rounds < 1:
+            raise OptionError("rounds", f"must be >= 1, got {self.rounds}")
+        if self.warmup < 0:
+            raise OptionError("warmup", f"must be >= 0, got {self.warmup}")
+        self.harden.validate()
 
 
 @dataclass
@@ -47,28 +75,31 @@ def _timing(times: list[float], batch: int) -> Timing:
     return Timing(p50 * 1e3, float(np.percentile(times, 90)) * 1e3, batch / p50)
 
 
-def bench(model: onnx.ModelProto | str, hardened: onnx.ModelProto | str | None = None, *, provider: str = "cpu",
-          batches: tuple[int, ...] = (1,), threads: int | None = None, rounds: int = 30, warmup: int = 3,
-          options: HardenOptions | None = None, seed: int = 0, output: str | None = None) -> list[BenchResult]:
-    """Time model and its hardened version (hardened in memory with `options` when not given), each
-    run computing its score output (runtime.score_output; `output` names another)."""
-    if rounds < 1 or warmup < 0 or not batches or any(b < 1 for b in batches):
-        raise OnnxSapError(f"rounds and batch sizes must be >= 1 (and warmup >= 0), got rounds={rounds}, "
-                           f"batches={list(batches)}, warmup={warmup}")
+def bench(model: onnx.ModelProto | str, hardened: onnx.ModelProto | str | None = None,
+          options: BenchOptions | None = None, *, progress: Callable[[str], None] = lambda message: None,
+          **option_values) -> list[BenchResult]:
+    """Time model and its hardened version (hardened in memory with options.harden when not given),
+    each run computing its score output (runtime.score_output; options.output names another).
+
+    Options come as a BenchOptions or as keywords (batches=, rounds=, ...); progress is told what
+    each stage did as it finishes."""
+    o = options or BenchOptions(**option_values)
+    o.validate()
     if hardened is None:
         base = model if isinstance(model, onnx.ModelProto) else onnx.load(model)
-        hardened = harden_model(base, options or HardenOptions()).model
-    orig = make_session(model, provider, threads=threads, spin=False)
-    hard = make_session(hardened, provider, threads=threads, spin=False)
-    fetch = [score_output(orig, output)]
+        hardened = harden_model(base, o.harden).model
+        progress("hardened the model in memory")
+    orig = make_session(model, o.provider, threads=o.threads, spin=False)
+    hard = make_session(hardened, o.provider, threads=o.threads, spin=False)
+    fetch = [score_output(orig, o.output)]
     results = []
-    for batch in batches:
-        feeds = random_feeds(orig, batch=batch, seed=seed)
-        for _ in range(warmup):
+    for batch in o.batches:
+        feeds = random_feeds(orig, batch=batch, seed=o.seed)
+        for _ in range(o.warmup):
             orig.run(fetch, feeds)
             hard.run(fetch, feeds)
         t_orig, t_hard = [], []
-        for r in range(rounds):
+        for r in range(o.rounds):
             pair = [(orig, t_orig), (hard, t_hard)]
             for sess, times in (pair if r % 2 == 0 else pair[::-1]):
                 t0 = time.perf_counter()
@@ -76,5 +107,6 @@ def bench(model: onnx.ModelProto | str, hardened: onnx.ModelProto | str | None =
                 times.append(time.perf_counter() - t0)
         ratios = np.array(t_hard) / np.array(t_orig)
         results.append(BenchResult(batch, _timing(t_orig, batch), _timing(t_hard, batch),
-                                   float(np.median(ratios)), float(np.percentile(ratios, 90)), rounds))
+                                   float(np.median(ratios)), float(np.percentile(ratios, 90)), o.rounds))
+        progress(f"batch {batch}: {o.rounds} rounds, hardened / original {results[-1].ratio_p50:.2f}")
     return results

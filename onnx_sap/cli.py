@@ -1,6 +1,9 @@
 """`onnx-sap`: each command is a thin layer over the Python API (onnx_sap.api and friends).
 
-Errors the user can fix print one line on stderr and exit 2; nothing is written then.
+Errors the user can fix print one line on stderr (with --json: {"error": ...} on stdout) and exit 2;
+nothing is written then. Output fits 80 columns: tables wrap long names instead of cutting them, and
+each table's caption explains its columns. Progress goes to stderr: a spinner in a terminal, a plain
+line per finished stage in logs.
 """
 
 from __future__ import annotations
@@ -10,29 +13,61 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import OnnxSapError, OptionError
 from .rewrite import HardenOptions, Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Harden ONNX classifiers with Stochastic Activation Pruning (SAP), no retraining.")
-# Tables stay readable when output is piped (Rich would assume 80 columns).
-out = Console(width=None if sys.stdout.isatty() else 150)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+                  rich_markup_mode=None)  # plain help: compact at 80 columns, readable in logs
+# Width: the terminal's, else $COLUMNS, else 80 (logs); tables are built to fit 80.
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+# API parameters whose flag is not the name with dashes (OptionError.as_flag: the one mapping).
+FLAGS = {"batches": "--batch", "ratios": "--ratio", "modes": "--mode", "ensembles": "--ensemble"}
+
+
+class CliError(OnnxSapError):
+    """A user error found by the CLI itself, with its exit code."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one line and exit: the CLI's only way of reporting a user error."""
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+    """Stop with one line naming the problem: the CLI's only way of reporting a user error."""
+    raise CliError(message, code)
+
+
+def examples(*lines: str) -> str:
+    """A command's help epilog: example command lines, kept as written."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+@contextmanager
+def stages(command: str, quiet: bool = False) -> Iterator[Callable[[str], None]]:
+    """A progress callback for the API: in a terminal a transient spinner showing the last finished
+    stage; otherwise (logs, CI) one plain line per finished stage on stderr."""
+    start = time.perf_counter()
+    if quiet:
+        yield lambda message: None
+    elif err.is_terminal:
+        with err.status(f"{command} ...") as status:
+            yield lambda message: status.update(f"{command}: {escape(message)} ...")
+    else:
+        yield lambda message: err.print(Text(f"{command}: {message} [{time.perf_counter() - start:.1f} s]"),
+                                        soft_wrap=True)
 
 
 def print_json(doc) -> None:
@@ -53,179 +88,310 @@ def _split(values: Optional[List[str]]) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
-def _sites_table(plan: Plan, title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for col in ("#", "graph", "kind", "form", "node(s)", "shape", "m", "r", "SAP"):
-        table.add_column(col, justify="right" if col in ("#", "m", "r") else "left")
+class LegendTable(Table):
+    """A table with a legend saying what each column means, printed under it at full width (a Rich
+    caption would wrap to the table's width)."""
+
+    def __init__(self, title: str, legend: str):
+        super().__init__(title=title, title_justify="left")
+        self.legend = legend
+
+
+def show(table: LegendTable) -> None:
+    """Print a table and its legend."""
+    out.print(table)
+    out.print(Text(table.legend, style="dim"))
+
+
+def _nodes_cell(nodes: list[str]) -> str:
+    return escape(nodes[-1] if len(nodes) == 1 else f"{nodes[0]} .. {nodes[-1]} ({len(nodes)} nodes)")
+
+
+def _sites_table(plan: Plan, title: str) -> LegendTable:
+    in_bodies = any(s.graph != "main" for s in plan.sites)
+    table = LegendTable(title, "node(s): the activation's node (a pattern: first .. last); kind, form: what "
+                          "matched (op, pattern, fused); m: activations per example (dims from --axis on); "
+                          "r: samples per example (run time: set from m when a dim is dynamic); "
+                          "SAP: whether harden inserts SAP there" + ("; graph: main or the If/Loop/Scan body"
+                                                                     if in_bodies else ""))
+    table.add_column("#", justify="right", no_wrap=True)
+    if in_bodies:
+        table.add_column("graph", overflow="fold", ratio=1)
+    # The end of a node name tells sites apart ("/features/features.3/Relu"): fold, never cut.
+    table.add_column("node(s)", overflow="fold", ratio=2, min_width=12)
+    table.add_column("kind", overflow="fold")
+    table.add_column("form", no_wrap=True)
+    table.add_column("shape", overflow="fold")
+    table.add_column("m", justify="right", no_wrap=True)
+    table.add_column("r", justify="right")
+    table.add_column("SAP")
     for i, s in enumerate(plan.sites):
-        nodes = s.nodes[-1] if len(s.nodes) == 1 else f"{s.nodes[0]} .. {s.nodes[-1]} ({len(s.nodes)})"
-        table.add_row(str(i), escape(s.graph), s.kind, s.form, escape(nodes),
-                      escape("x".join(map(str, s.shape))) if s.shape else "?",
-                      str(s.m) if s.m else "?", str(s.r) if s.r else "run time",
-                      "yes" if s.selected else f"[dim]no: {escape(s.reason)}[/]")
+        row = [str(i)] + ([escape(s.graph)] if in_bodies else [])
+        row += [_nodes_cell(s.nodes), s.kind, s.form, escape("x".join(map(str, s.shape))) if s.shape else "?",
+                str(s.m) if s.m else "?", str(s.r) if s.r else "run time",
+                "yes" if s.selected else Text(f"no: {s.reason}", style="dim")]
+        table.add_row(*row)
     return table
 
 
-def _kind_summary(plan: Plan) -> Table:
-    table = Table(title="Summary", title_justify="left")
-    for col in ("kind", "sites", "activations / example"):
-        table.add_column(col, justify="left" if col == "kind" else "right")
+def _kind_summary(plan: Plan) -> LegendTable:
+    table = LegendTable("Summary", "sites: activations of that kind to harden; activations / example: the "
+                              "elements SAP prunes per example (+ dynamic: some sizes known only at run time)")
+    table.add_column("kind")
+    for col in ("sites", "activations / example"):
+        table.add_column(col, justify="right")
     kinds: dict[str, list[int]] = {}
     for s in plan.selected:
         kinds.setdefault(s.kind, []).append(s.m or 0)
     for kind, ms in sorted(kinds.items()):
         table.add_row(kind, str(len(ms)), f"{sum(ms):,}" + ("" if all(ms) else " + dynamic"))
-    table.add_row("[bold]total[/]", str(len(plan.selected)), f"{sum(s.m or 0 for s in plan.selected):,}")
+    table.add_row(Text("total", style="bold"), str(len(plan.selected)),
+                  f"{sum(s.m or 0 for s in plan.selected):,}")
+    return table
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _model_table(summary, title: str) -> Table:
+    """Inputs, outputs, opsets, nodes and weights of a model (a ModelSummary)."""
+    table = Table.grid(padding=(0, 2))
+    table.title, table.title_justify = title, "left"
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("inputs", escape("\n".join(map(str, summary.inputs))) or "-")
+    table.add_row("outputs", escape("\n".join(map(str, summary.outputs))) or "-")
+    table.add_row("opsets", escape(", ".join(f"{d} {v}" for d, v in summary.opsets.items())))
+    top = escape(", ".join(f"{op} {n}" for op, n in list(summary.op_types.items())[:8]))
+    more = len(summary.op_types) - 8
+    bodies = summary.graphs - 1
+    table.add_row("nodes", f"{summary.nodes:,}" + (f" in {summary.graphs} graphs (main + {bodies} bodies)"
+                                                    if bodies else "") + f": {top}" + (f", {more} more op types"
+                                                                                       if more > 0 else ""))
+    table.add_row("weights", f"{summary.weights:,} tensors, {summary.parameters:,} parameters, "
+                             f"{_bytes(summary.weight_bytes)}")
+    table.add_row("SAP", f"{summary.sap_sites} SAP site(s) present" if summary.sap_sites else "none")
     return table
 
 
 def _options(ratio: float, samples: int, mode: str, axis: int, seed: int, include, exclude, portable: bool,
              ensemble: int, ensemble_reduce: str, force: bool) -> HardenOptions:
-    opts = HardenOptions(ratio=ratio, samples=samples, mode=mode, axis=axis, seed=seed, include=_split(include),
+    return HardenOptions(ratio=ratio, samples=samples, mode=mode, axis=axis, seed=seed, include=_split(include),
                          exclude=_split(exclude), portable=portable, ensemble=ensemble,
                          ensemble_reduce=ensemble_reduce, force=force)
-    opts.validate()
-    return opts
+
+
+def _file_size(path: Path) -> int:
+    """A model file's size with its external data files (the .data beside it)."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def _warn(warnings: list[str]) -> None:
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        err.print(Text("warning: ", style="yellow") + Text(w), soft_wrap=True)
 
 
-@app.command()
+def _version_callback(value: bool) -> None:
+    if value:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_version_callback,
+                                      help="Print the version, the op library and whether it has CUDA kernels."),
+) -> None:
+    """Harden ONNX classifiers with Stochastic Activation Pruning (SAP), no retraining.
+
+    Start with `onnx-sap inspect model.onnx`, then `onnx-sap harden model.onnx`. Every command's
+    --help ends with examples.
+    """
+
+
+@app.command(epilog=examples("onnx-sap harden model.onnx                       # writes model.sap.onnx",
+                             "onnx-sap harden model.onnx --dry-run             # the plan only",
+                             "onnx-sap harden model.onnx -o out.onnx --mode bernoulli --ratio 0.5",
+                             "onnx-sap harden model.onnx --exclude '*classifier*' --portable",
+                             "onnx-sap harden model.onnx --ensemble 8 --json"))
 def harden(
-    model: Path = typer.Argument(..., help="The ONNX model to harden (never modified)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default: MODEL.sap.onnx)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="The ONNX model to harden (never modified)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="OUT",
+                                          help="Where to write (default: MODEL.sap.onnx)."),
     ratio: float = typer.Option(1.0, help="Samples per example as a fraction of its activations (r = ratio*m)."),
     samples: int = typer.Option(0, help="Fixed samples per example (overrides --ratio when > 0)."),
-    mode: str = typer.Option("multinomial", help="multinomial (the paper's SAP) or bernoulli."),
+    mode: str = typer.Option("multinomial", metavar="multinomial|bernoulli",
+                             help="multinomial (the paper's SAP) or bernoulli."),
     axis: int = typer.Option(1, help="Dims before AXIS index examples; the rest form one example."),
     seed: int = typer.Option(0, help="0 (deployment): the custom op draws fresh OS entropy per run; --portable "
                                      "uses the runtime's stream, seeded once per process. Non-zero: reproducible, "
                                      "predictable."),
-    include: Optional[List[str]] = typer.Option(None, help="Only these kinds or node-name globs (repeat or comma)."),
-    exclude: Optional[List[str]] = typer.Option(None, help="Skip these kinds or node-name globs."),
-    portable: bool = typer.Option(False, help="Emit SAP as standard ONNX ops (any runtime, no op library). Runtimes "
-                                              "seed its random ops once per process: each new session repeats the "
-                                              "same stream (README)."),
-    ensemble: int = typer.Option(1, help="Average K stochastic passes inside one run."),
-    ensemble_reduce: str = typer.Option("probs", help="probs: log(mean softmax); logits: mean of logits."),
+    include: Optional[List[str]] = typer.Option(None, metavar="KIND|GLOB",
+                                                help="Only these kinds or node-name globs (repeat or comma)."),
+    exclude: Optional[List[str]] = typer.Option(None, metavar="KIND|GLOB",
+                                                help="Skip these kinds or node-name globs (repeat or comma)."),
+    portable: bool = typer.Option(False, "--portable",
+                                  help="Emit SAP as standard ONNX ops (any runtime, no op library). Runtimes "
+                                       "seed its random ops once per process: each new session repeats the "
+                                       "same stream (README)."),
+    ensemble: int = typer.Option(1, metavar="K", help="Average K stochastic passes inside one run."),
+    ensemble_reduce: str = typer.Option("probs", metavar="probs|logits",
+                                        help="probs: log(mean softmax); logits: mean of logits."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable plan and summary on stdout."),
-    force: bool = typer.Option(False, help="Replace SAP nodes already in the model (never stacked)."),
+    force: bool = typer.Option(False, "--force", help="Replace SAP nodes already in the model (never stacked)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run both models in ONNX Runtime before writing."),
-    overwrite: bool = typer.Option(False, help="Allow the output to replace the input file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow the output to replace the input file."),
 ) -> None:
     """Insert SAP after every activation of MODEL."""
     from .api import harden as harden_api
 
     opts = _options(ratio, samples, mode, axis, seed, include, exclude, portable, ensemble, ensemble_reduce, force)
-    report = harden_api(model, output, opts, check=check, overwrite=overwrite, dry_run=dry_run)
+    with stages("harden", quiet=as_json) as progress:
+        report = harden_api(model, output, opts, check=check, overwrite=overwrite, dry_run=dry_run,
+                            progress=progress)
+    _warn(opts.warnings())
     if as_json:
         doc = {"plan": report.plan.to_dict(), "output": str(report.output) if report.output else None,
-               "dry_run": dry_run, "check": report.check.__dict__ if report.check else None}
+               "dry_run": dry_run, "check": report.check.__dict__ if report.check else None,
+               "before": report.before.to_dict() if report.before else None,
+               "after": report.after.to_dict() if report.after else None}
         if report.output:
             doc["output_bytes"] = report.output.stat().st_size
         doc["warnings"] = opts.warnings()
         print_json(doc)
-        _warn(opts.warnings())
         return
-    out.print(_sites_table(report.plan, f"Activation sites in {escape(str(model))}"))
-    out.print(_kind_summary(report.plan))
-    _warn(opts.warnings())
+    show(_sites_table(report.plan, f"Activation sites in {escape(str(model))}"))
+    show(_kind_summary(report.plan))
     if dry_run:
         out.print("dry run: nothing written. Drop --dry-run to write the hardened model.")
         return
     form = "portable standard ops" if portable else "custom op onnx_sap::StochasticActivationPruning"
-    size = report.output.stat().st_size
-    out.print(f"wrote [bold]{escape(str(report.output))}[/] ({size / 1e6:.2f} MB): {len(report.plan.selected)} SAP sites, "
-              f"mode {mode}, {form}" + (f", ensemble of {ensemble}" if ensemble > 1 else ""))
+    out.print(Text(f"wrote {report.output}: {len(report.plan.selected)} SAP sites, mode {mode}, {form}"
+                   + (f", ensemble of {ensemble}" if ensemble > 1 else "")), soft_wrap=True)
     if report.check is not None:
         c = report.check
         out.print("check: ran original and hardened in ONNX Runtime; outputs match in name, dtype and shape"
                   + (f"; with SAP made deterministic, max |diff| = {c.max_abs_diff:.2e}" if c.equivalence_checked
                      else f"; {c.note}"))
-    out.print(f"next: onnx-sap verify {escape(str(report.output))}   (op vs reference)   |   "
-              f"onnx-sap evaluate {escape(str(model))} {escape(str(report.output))} --data ...")
+    b, a = report.before, report.after
+    out.print(f"before -> after: nodes {b.nodes:,} -> {a.nodes:,}, SAP sites {b.sap_sites} -> {a.sap_sites}, "
+              f"size {_bytes(_file_size(model))} -> {_bytes(_file_size(report.output))}")
+    # A model that already had SAP is no ORIGINAL: evaluate then compares against strip(HARDENED).
+    baseline = "" if report.plan.existing else f"{model} "
+    out.print(Text(f"next: onnx-sap verify {report.output}   (op vs reference)\n"
+                   f"      onnx-sap evaluate {baseline}{report.output}   (accuracy and robustness)"), soft_wrap=True)
 
 
-@app.command()
+@app.command(epilog=examples("onnx-sap inspect model.onnx", "onnx-sap inspect model.sap.onnx --json",
+                             "onnx-sap inspect model.onnx --axis 2 --ratio 0.5    # m, r as harden's"))
 def inspect(
-    model: Path = typer.Argument(..., help="An ONNX model, plain or hardened."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="An ONNX model, plain or hardened."),
     axis: int = typer.Option(1, help="As for harden: used for m and r."),
     ratio: float = typer.Option(1.0, help="As for harden: used for r."),
     samples: int = typer.Option(0, help="As for harden: used for r."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """List the activation sites harden would rewrite, and any SAP nodes already present."""
+    """Show what MODEL is and where harden would insert SAP.
+
+    Inputs, outputs, opsets, node and weight counts; the activation sites harden would rewrite; and
+    any SAP nodes already present."""
     from .api import inspect as inspect_api
 
-    plan = inspect_api(model, HardenOptions(axis=axis, ratio=ratio, samples=samples))
+    report = inspect_api(model, HardenOptions(axis=axis, ratio=ratio, samples=samples))
     if as_json:
-        print_json(plan.to_dict())
+        print_json(report.to_dict())
         return
-    out.print(_sites_table(plan, f"Activation sites in {escape(str(model))}"))
-    if plan.existing:
-        table = Table(title="SAP nodes already present", title_justify="left")
-        for col in ("graph", "node", "form", "attributes"):
-            table.add_column(col)
-        for e in plan.existing:
+    out.print(_model_table(report.summary, f"Model {escape(str(model))}"))
+    show(_sites_table(report, f"Activation sites in {escape(str(model))}"))
+    if report.existing:
+        table = LegendTable("SAP nodes already present", "form: custom (the op), portable (standard ops) or "
+                                                     "ensemble (the reduction of --ensemble); attributes: the "
+                                                     "custom op's")
+        table.add_column("graph", overflow="fold")
+        table.add_column("node", overflow="fold", ratio=1)
+        table.add_column("form", no_wrap=True)
+        table.add_column("attributes", ratio=1)
+        for e in report.existing:
             table.add_row(escape(e["graph"]), escape(e["node"]), e["form"],
                           escape(", ".join(f"{k}={v}" for k, v in e["attributes"].items())))
-        out.print(table)
+        show(table)
     else:
-        out.print("no SAP nodes present. Harden with: onnx-sap harden " + escape(str(model)))
+        out.print(Text(f"no SAP nodes present. Harden with: onnx-sap harden {model}"), soft_wrap=True)
 
 
-@app.command()
+@app.command(epilog=examples("onnx-sap strip model.sap.onnx          # writes model.sap.stripped.onnx",
+                             "onnx-sap strip model.sap.onnx -o plain.onnx"))
 def strip(
-    model: Path = typer.Argument(..., help="A hardened model."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default: MODEL.stripped.onnx)."),
-    overwrite: bool = typer.Option(False, help="Allow the output to replace the input file."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="A hardened model."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="OUT",
+                                          help="Where to write (default: MODEL.stripped.onnx)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow the output to replace the input file."),
 ) -> None:
-    """Remove SAP nodes (custom, portable, ensemble), restoring the original computation bit for bit."""
+    """Remove SAP nodes, restoring the original bit for bit.
+
+    Custom-op nodes, portable regions and --ensemble tiling all go."""
     from .api import strip as strip_api
 
-    _, removed, path = strip_api(model, output, overwrite=overwrite)
-    out.print(f"removed {removed} SAP region(s); wrote [bold]{escape(str(path))}[/]")
+    result = strip_api(model, output, overwrite=overwrite)
+    out.print(Text(f"removed {result.regions_removed} SAP region(s); wrote {result.output}"), soft_wrap=True)
 
 
-@app.command()
+@app.command(epilog=examples("onnx-sap verify model.sap.onnx", "onnx-sap verify model.sap.onnx --runs 32 --json",
+                             "onnx-sap verify model.sap.onnx --provider cuda"))
 def verify(
-    model: Path = typer.Argument(..., help="A hardened model."),
-    provider: str = typer.Option("cpu", help="cpu or cuda (refused when the session would fall back to CPU)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="A hardened model."),
+    provider: str = typer.Option("cpu", metavar="cpu|cuda",
+                                 help="cpu or cuda (refused when the session would fall back to CPU)."),
     runs: int = typer.Option(8, help="Runs (call indices 0..RUNS-1) compared with the reference."),
     seed: int = typer.Option(20260101, help="Seed from which the verified copy's SAP nodes get theirs."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Check every SAP node, as it runs in ONNX Runtime, against the NumPy reference (exit 1 on any disagreement)."""
-    from .modelio import load_model
-    from .verify import verify as verify_api
+    """Check each SAP node against the NumPy reference.
 
-    if runs < 1:
-        fail(f"--runs must be >= 1, got {runs}")
+    Every SAP node runs in ONNX Runtime with fixed seeds; exit 1 on any disagreement."""
+    from .modelio import load_model
+    from .verify import VerifyOptions, verify as verify_api
+
+    options = VerifyOptions(provider=provider, runs=runs, seed=seed)
+    options.validate()  # before the model is read: a bad option is reported first
     load_model(model)  # clear errors for bad files before anything else
     if not os.access(model.parent if str(model.parent) else Path("."), os.W_OK):
         fail(f"verify writes a tapped copy beside {model}; its folder is not writable (copy the model elsewhere)")
-    reports = verify_api(model, provider=provider, runs=runs, seed=seed)
+    with stages("verify", quiet=as_json) as progress:
+        reports = verify_api(model, options, progress=progress)
     bad = [r for r in reports if not r.ok]
     if as_json:
         print_json([dict(r.__dict__, ok=r.ok) for r in reports])
     else:
-        table = Table(title=f"SAP nodes of {escape(str(model))} vs the reference ({provider})", title_justify="left")
-        for col in ("node", "form", "mode", "shape", "runs", "mask diffs", "max ulps", "kept / expected", "z", "ok"):
-            table.add_column(col, justify="left" if col in ("node", "form", "mode", "shape", "ok") else "right")
+        table = LegendTable(f"SAP nodes of {escape(str(model))} vs the reference ({provider}, {runs} runs each; portable: "
+                       f"{max([r.runs for r in reports if r.form == 'portable'], default=0)} runs)",
+                       "mode: the node's (portable: standard ops, checked by statistics alone); mask diffs: keep "
+                       "decisions unlike the reference's outside SPEC.md's margin band; ulps: the largest "
+                       "difference of kept values (SPEC.md allows 4); kept / expected: elements kept over all "
+                       "runs vs the sum of keep probabilities q; z: standard scores of the kept count and of "
+                       "sum(Y - X) (|z| > 6 fails)")
+        table.add_column("node", overflow="fold", ratio=1, min_width=12)
+        table.add_column("mode", overflow="fold")
+        table.add_column("shape", overflow="fold")
+        for col in ("mask diffs", "ulps", "kept / expected", "z"):
+            table.add_column(col, justify="right")
+        table.add_column("ok", no_wrap=True)
         for r in reports:
-            table.add_row(escape(r.node), r.form, r.mode, "x".join(map(str, r.shape)), str(r.runs),
-                          str(r.mask_disagreements) if r.form == "custom" else "-",
-                          f"{r.max_ulps:.1f}" if r.form == "custom" else "-",
+            custom = r.form == "custom"
+            table.add_row(r.node, r.mode if custom else f"{r.mode} (portable)", "x".join(map(str, r.shape)),
+                          str(r.mask_disagreements) if custom else "-", f"{r.max_ulps:.1f}" if custom else "-",
                           f"{r.kept} / {r.expected_kept:.0f}", f"{r.z_kept:+.1f} / {r.z_mean:+.1f}",
-                          "[green]yes[/]" if r.ok else "[red]NO[/]")
-        out.print(table)
+                          Text("yes", style="green") if r.ok else Text("NO", style="red"))
+        show(table)
         for r in bad:
             for p in r.problems:
-                err.print(f"[red]{escape(r.node)}:[/] {escape(p)}", highlight=False)
+                err.print(Text(f"{r.node}: {p}"), soft_wrap=True)
         out.print(f"{len(reports) - len(bad)} of {len(reports)} SAP nodes agree with the reference"
                   + ("" if not bad else "; see the problems above"))
     if bad:
@@ -301,10 +467,13 @@ class _Progress:
                   f"{label}", file=sys.stderr, flush=True)
 
 
-@app.command()
+@app.command(epilog=examples("onnx-sap evaluate model.onnx model.sap.onnx --limit 100",
+                             "onnx-sap evaluate model.sap.onnx --data test.npz --eps 0.1,0.2 --json",
+                             "onnx-sap evaluate model.onnx model.sap.onnx --attacks transfer --plot a.png"))
 def evaluate(
-    models: List[Path] = typer.Argument(..., help="ORIGINAL HARDENED, or HARDENED alone (then strip(HARDENED) "
-                                                  "stands for the original)."),
+    first: Path = typer.Argument(..., metavar="ORIGINAL", help="The original model (or HARDENED alone: then "
+                                                                "strip(HARDENED) stands for the original)."),
+    second: Optional[Path] = typer.Argument(None, metavar="HARDENED", help="The hardened model."),
     data: str = typer.Option("digits", help="An .npz with arrays x and y, or 'digits' (the bundled example)."),
     eps: str = typer.Option("0.05,0.1,0.2,0.3", help="L-inf epsilons, comma-separated."),
     attacks: str = typer.Option("transfer,spsa,square", help="Attacks to run (the worst case is over these)."),
@@ -327,14 +496,15 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write accuracy vs epsilon to this PNG."),
 ) -> None:
-    """Clean accuracy, calibration and robust accuracy of ORIGINAL vs HARDENED under forward-only attacks."""
+    """Accuracy and robustness, ORIGINAL vs HARDENED.
+
+    Clean accuracy, calibration and robust accuracy under forward-only attacks."""
     from .distributed import parse_scheduler
     from .evaluate import EvaluateOptions, evaluate as evaluate_api, plot
     from .metrics import load_data
     from .modelio import load_model
 
-    if len(models) not in (1, 2):
-        fail("give ORIGINAL HARDENED, or HARDENED alone")
+    models = [first] if second is None else [first, second]
     _check_plot_path(plot_path)
     cfg = EvaluateOptions(eps=_floats(eps, "--eps"), attacks=[a.strip() for a in attacks.split(",") if a.strip()],
                           passes=passes, transfer_steps=transfer_steps, spsa_steps=spsa_steps,
@@ -377,10 +547,6 @@ def evaluate(
               + (f"; plot written to {escape(str(plot_path))}" if plot_path else ""))
 
 
-# API parameters whose CLI flag is not --parameter-name.
-_FLAGS = {"ratios": "--ratio", "modes": "--mode", "ensembles": "--ensemble"}
-
-
 def _ints(text: str, option: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -389,9 +555,11 @@ def _ints(text: str, option: str) -> list[int]:
         raise
 
 
-@app.command()
+@app.command(epilog=examples("onnx-sap sweep model.onnx --limit 100",
+                             "onnx-sap sweep model.onnx --ratio 0.1,0.5,1 --mode bernoulli --json",
+                             "onnx-sap sweep model.onnx --scheduler local:2 --plot sweep.png"))
 def sweep(
-    model: Path = typer.Argument(..., help="The original model (not hardened)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="The original model (not hardened)."),
     data: str = typer.Option("digits", help="An .npz with arrays x and y, or 'digits' (the bundled example)."),
     ratio: str = typer.Option("0.05,0.1,0.2,0.5,1", help="SAP ratios to try, comma-separated."),
     mode: str = typer.Option("multinomial,bernoulli", help="SAP modes to try, comma-separated."),
@@ -455,9 +623,10 @@ def sweep(
         out.print(f"plot written to {escape(str(plot_path))}")
 
 
-@app.command()
+@app.command(epilog=examples("onnx-sap tune model.onnx --data val.npz --budget 1.0",
+                             "onnx-sap tune model.onnx -o model.tuned.onnx --evaluations 12 --json"))
 def tune(
-    model: Path = typer.Argument(..., help="The original model (not hardened)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="The original model (not hardened)."),
     data: str = typer.Option("digits", help="Held-out .npz (x, y) or 'digits'; used for clean accuracy only."),
     budget: float = typer.Option(1.0, help="Clean majority accuracy may drop this many points below the original."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write (default: MODEL.tuned.onnx)."),
@@ -469,7 +638,7 @@ def tune(
     limit: Optional[int] = typer.Option(None, help="Use only the first LIMIT examples."),
     seed: int = typer.Option(1, help="SAP streams of the search (the written model draws OS entropy)."),
     provider: str = typer.Option("cpu", help="cpu or cuda."),
-    overwrite: bool = typer.Option(False, help="Allow the output to replace the input file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow the output to replace the input file."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
 ) -> None:
     """Choose a SAP ratio per site of MODEL within a clean-accuracy budget and write the hardened model."""
@@ -512,49 +681,68 @@ def tune(
               f"next: onnx-sap evaluate {escape(str(model))} {escape(str(result.output))} --data TEST   (robustness on data not used here)")
 
 
-@app.command()
+@app.command(epilog=examples("onnx-sap bench model.onnx                        # hardens in memory",
+                             "onnx-sap bench model.onnx --hardened model.sap.onnx --batch 1 --batch 32",
+                             "onnx-sap bench model.onnx --threads 2 --rounds 50 --json"))
 def bench(
-    model: Path = typer.Argument(..., help="The original model."),
-    hardened: Optional[Path] = typer.Option(None, help="Its hardened version (default: harden MODEL in memory)."),
-    provider: str = typer.Option("cpu", help="cpu or cuda."),
-    batch: List[int] = typer.Option([1], help="Batch sizes (repeat the option for several)."),
-    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="The original model."),
+    hardened: Optional[Path] = typer.Option(None, metavar="HARDENED",
+                                            help="Its hardened version (default: harden MODEL in memory)."),
+    provider: str = typer.Option("cpu", metavar="cpu|cuda", help="cpu or cuda."),
+    batch: List[int] = typer.Option([1], metavar="N", help="Batch sizes (repeat the option for several)."),
+    threads: Optional[int] = typer.Option(None, metavar="N", help="ONNX Runtime intra-op threads (default: all cores)."),
     rounds: int = typer.Option(30, help="Timed rounds per batch size, after warm-up."),
-    mode: str = typer.Option("multinomial", help="SAP mode when hardening in memory."),
-    output: Optional[str] = typer.Option(None, help="The output each run computes (default: the class scores, "
-                                                    "as evaluate picks them)."),
+    mode: str = typer.Option("multinomial", metavar="multinomial|bernoulli", help="SAP mode when hardening in memory."),
+    output: Optional[str] = typer.Option(None, metavar="NAME", help="The output each run computes (default: the "
+                                                                    "class scores, as evaluate picks them)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Latency p50/p90 and throughput, original vs hardened, from interleaved rounds in one run."""
-    from .bench import bench as bench_api
+    """Latency and throughput, original vs hardened.
+
+    p50/p90 latency and throughput from interleaved rounds in one run."""
+    from .bench import BenchOptions, bench as bench_api
     from .modelio import load_model
 
-    if rounds < 1 or any(b < 1 for b in batch):
-        fail("--rounds and --batch must be >= 1")
-    opts = HardenOptions(mode=mode)
-    opts.validate()
-    results = bench_api(load_model(model), load_model(hardened) if hardened else None, provider=provider,
-                        batches=tuple(batch), threads=threads, rounds=rounds, options=opts, output=output)
+    options = BenchOptions(provider=provider, batches=tuple(batch), threads=threads, rounds=rounds, output=output,
+                           harden=HardenOptions(mode=mode))
+    options.validate()
+    with stages("bench", quiet=as_json) as progress:
+        results = bench_api(load_model(model), load_model(hardened) if hardened else None, options,
+                            progress=progress)
     if as_json:
         print_json([r.to_dict() for r in results])
         return
-    table = Table(title=f"{escape(str(model))}: original vs hardened ({provider}, {rounds} interleaved rounds)", title_justify="left")
-    for col in ("batch", "original p50 ms", "p90", "hardened p50 ms", "p90", "throughput orig/s", "hardened/s",
-                "hardened / original"):
+    table = LegendTable(f"{escape(str(model))}: original vs hardened ({provider}, {rounds} interleaved rounds)",
+                   "p50, p90: median and 90th percentile latency of one run, in ms; hardened / original: the "
+                   "median (p90) of each round's ratio, both models timed in the same round; examples/s: "
+                   "throughput at p50, original -> hardened")
+    table.add_column("batch", justify="right")
+    for col in ("original p50", "p90", "hardened p50", "p90", "hardened / original", "examples/s"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(str(r.batch), f"{r.original.p50_ms:.3f}", f"{r.original.p90_ms:.3f}", f"{r.hardened.p50_ms:.3f}",
-                      f"{r.hardened.p90_ms:.3f}", f"{r.original.throughput:,.0f}", f"{r.hardened.throughput:,.0f}",
-                      f"[bold]{r.ratio_p50:.3f}[/] (p90 {r.ratio_p90:.3f})")
-    out.print(table)
+        table.add_row(str(r.batch), f"{r.original.p50_ms:.3f}", f"{r.original.p90_ms:.3f}",
+                      f"{r.hardened.p50_ms:.3f}", f"{r.hardened.p90_ms:.3f}",
+                      Text(f"{r.ratio_p50:.2f}", style="bold") + f" ({r.ratio_p90:.2f})",
+                      f"{r.original.throughput:,.0f} -> {r.hardened.throughput:,.0f}")
+    show(table)
 
 
-@app.command()
+@app.command(epilog=examples("onnx-sap version", "onnx-sap --version"))
 def version() -> None:
     """Print the version, the op library and whether it has CUDA kernels."""
     from .runtime import get_library_path, has_cuda_kernels
 
-    out.print(f"onnx-sap {__version__}; op library {escape(get_library_path())}; CUDA kernels: {has_cuda_kernels()}")
+    out.print(Text(f"onnx-sap {__version__}; op library {get_library_path()}; CUDA kernels: {has_cuda_kernels()}"),
+              soft_wrap=True)
+
+
+def _report(message: str, code: int) -> None:
+    """Print a user error (one line; with --json, {"error": ...} on stdout) and exit with code."""
+    if "--json" in sys.argv[1:]:
+        print(json.dumps({"error": message}))
+    else:
+        err.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
+    sys.exit(code)
 
 
 def main() -> None:
@@ -562,10 +750,12 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)  # click returns Exit codes here rather than raising them
         sys.exit(rc if isinstance(rc, int) else 0)
-    except OnnxSapError as e:  # an API parameter's error names the CLI flag here
-        message = e.as_flag(_FLAGS) if isinstance(e, OptionError) else str(e)
-        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except CliError as e:
+        _report(str(e), e.code)
+    except OptionError as e:  # the API names its parameter; the user typed a flag
+        _report(e.as_flag(FLAGS), 2)
+    except OnnxSapError as e:
+        _report(str(e), 2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
@@ -573,10 +763,7 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:  # usage errors (click's, vendored by Typer) and anything unforeseen: one line
         if hasattr(e, "format_message"):
-            err.print(f"[bold red]error:[/] {escape(e.format_message())} (see --help)", highlight=False, soft_wrap=True)
-            sys.exit(2)
+            _report(f"{e.format_message()} (see --help)", 2)
         if type(e).__name__ == "Abort":
             sys.exit(1)
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} (please report this)", highlight=False,
-                  soft_wrap=True)
-        sys.exit(1)
+        _report(f"internal error: {type(e).__name__}: {e} (please report this)", 1)

@@ -20,6 +20,12 @@ class OptionError(OnnxSapError):
         return f"{flag} {self.problem}"
 
 
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise OptionError unless value is one of choices."""
+    if value not in choices:
+        raise OptionError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
 def first_line(e: Exception, limit: int = 300) -> str:
     """The first line of an exception's message (ONNX Runtime's and onnx's run long)."""
     text = str(e).strip()

@@ -20,6 +20,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from .errors import OnnxSapError, first_line
+from .sap_nodes import iter_graphs
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of that with some margin.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -249,14 +250,8 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
 
 
 def _all_initializers(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_initializers(g)
+    for _, g in iter_graphs(graph):
+        yield from g.initializer
 
 
 def model_bytes(model: onnx.ModelProto) -> int:

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from . import __version__
-from .errors import OnnxSapError
+from .errors import OnnxSapError, OptionError, check_choice
 from .modelio import default_opset
 from .patterns import KINDS, Match, find_activations, raw_producer
 from .portable import RANDOMNESS_WARNING as PORTABLE_RANDOMNESS_WARNING, emit_portable_sap
@@ -66,26 +66,23 @@ class HardenOptions:
     force: bool = False
 
     def validate(self) -> None:
-        """Raise OnnxSapError naming the first bad option."""
+        """Raise OptionError naming the first bad option."""
         # The node holds ratio as a float32: it must stay finite and non-zero there.
         if not (math.isfinite(self.ratio) and _FLOAT32_TINY <= self.ratio <= _FLOAT32_MAX):
-            raise OnnxSapError(f"--ratio must be > 0 and at most {_FLOAT32_MAX:.4g} (a finite float32), got {self.ratio}")
+            raise OptionError("ratio", f"must be > 0 and at most {_FLOAT32_MAX:.4g} (a finite float32), got {self.ratio}")
         if not 0 <= self.samples <= MAX_SAMPLES:
-            raise OnnxSapError(f"--samples must be in [0, {MAX_SAMPLES}] (0: use --ratio), got {self.samples}")
-        if self.mode not in MODES:
-            raise OnnxSapError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise OptionError("samples", f"must be in [0, {MAX_SAMPLES}] (0: use ratio), got {self.samples}")
+        check_choice("mode", self.mode, MODES)
         if self.axis < 0:
-            raise OnnxSapError(f"--axis must be >= 0 (dims before it index examples), got {self.axis}")
+            raise OptionError("axis", f"must be >= 0 (dims before it index examples), got {self.axis}")
         if not 0 <= self.seed < 2**63:
-            raise OnnxSapError(f"--seed must be in [0, 2^63), got {self.seed}")
+            raise OptionError("seed", f"must be in [0, 2^63), got {self.seed}")
         if self.ensemble < 1:
-            raise OnnxSapError(f"--ensemble must be >= 1, got {self.ensemble}")
-        if self.ensemble_reduce not in ENSEMBLE_REDUCES:
-            raise OnnxSapError(f"--ensemble-reduce must be one of {', '.join(ENSEMBLE_REDUCES)}, "
-                               f"got {self.ensemble_reduce!r}")
-        for pat in list(self.include) + list(self.exclude):
-            if not pat:
-                raise OnnxSapError("--include/--exclude patterns must not be empty")
+            raise OptionError("ensemble", f"must be >= 1, got {self.ensemble}")
+        check_choice("ensemble_reduce", self.ensemble_reduce, ENSEMBLE_REDUCES)
+        for name in ("include", "exclude"):
+            if any(not pat for pat in getattr(self, name)):
+                raise OptionError(name, "must not hold an empty pattern")
 
     def warnings(self) -> list[str]:
         """What these options give up (harden prints each on stderr and lists them in --json)."""

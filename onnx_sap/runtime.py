@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from .errors import OnnxSapError
+from .errors import OnnxSapError, OptionError
 
 DOMAIN = "onnx_sap"
 OP_TYPE = "StochasticActivationPruning"
@@ -146,8 +146,21 @@ def provider_name(provider: str) -> str:
     """Map ``cpu``/``cuda`` (or a full ONNX Runtime provider name) to the provider name."""
     name = _PROVIDER_NAMES.get(provider.lower(), provider)
     if name not in _PROVIDER_NAMES.values():
-        raise OnnxSapError(f"unknown provider {provider!r}; use 'cpu' or 'cuda'")
+        raise OptionError("provider", f"must be 'cpu' or 'cuda', got {provider!r}")
     return name
+
+
+def register_library(options):
+    """Register the SAP op library in an ``onnxruntime.SessionOptions`` of your own and return it.
+
+    Without it, ONNX Runtime refuses a hardened model ("... is not a registered function/op")::
+
+        so = onnxruntime.SessionOptions()
+        onnx_sap.register_library(so)
+        session = onnxruntime.InferenceSession("model.sap.onnx", so)
+    """
+    options.register_custom_ops_library(get_library_path())
+    return options
 
 
 def session_options(threads: int | None = None, base=None, *, spin: bool = True):
@@ -158,8 +171,7 @@ def session_options(threads: int | None = None, base=None, *, spin: bool = True)
     """
     import onnxruntime as ort
 
-    opts = base if base is not None else ort.SessionOptions()
-    opts.register_custom_ops_library(get_library_path())
+    opts = register_library(base if base is not None else ort.SessionOptions())
     if threads is not None:
         opts.intra_op_num_threads = threads
     if not spin:

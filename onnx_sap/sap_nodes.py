@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import onnx
 
-from .errors import OnnxSapError
+from .errors import OptionError
 from .reference import MAX_SAMPLES
 from .runtime import DOMAIN, OP_TYPE
 
@@ -210,9 +210,9 @@ MAX_DERIVED_SEED = 2**53
 
 
 def check_derived_seed(seed: int) -> None:
-    """Raise OnnxSapError unless seed is one with_seed can derive node seeds from."""
+    """Raise OptionError unless seed is one with_seed can derive node seeds from."""
     if not 0 <= seed < MAX_DERIVED_SEED:
-        raise OnnxSapError(f"--seed must be in [0, 2^53), got {seed}")
+        raise OptionError("seed", f"must be in [0, 2^53), got {seed}")
 
 
 def with_seed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:

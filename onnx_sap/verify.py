@@ -11,18 +11,35 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
 
 from . import reference
 from .check import random_feeds
-from .errors import OnnxSapError
+from .errors import OnnxSapError, OptionError
 from .reference import MAX_ULPS, compare_with_reference
-from .runtime import make_session
+from .runtime import make_session, provider_name
 from .sap_nodes import PORTABLE, check_derived_seed, is_custom, node_attributes, parse_name, with_seed
 
 Z_LIMIT = 6.0
+
+
+@dataclass
+class VerifyOptions:
+    """How verify runs the hardened model; the CLI's options, one for one."""
+
+    provider: str = "cpu"
+    runs: int = 8  # call indices 0..runs-1 compared with the reference
+    seed: int = 20260101  # the verified copy's SAP nodes get seeds derived from it
+
+    def validate(self) -> None:
+        """Raise OptionError naming the first bad option."""
+        provider_name(self.provider)
+        if self.runs < 1:
+            raise OptionError("runs", f"must be >= 1, got {self.runs}")
+        check_derived_seed(self.seed)
 
 
 @dataclass
@@ -111,12 +128,16 @@ def _portable_regions(graph: onnx.GraphProto) -> dict[str, tuple[str, str, dict]
     return out
 
 
-def verify(model: onnx.ModelProto | str | Path, *, provider: str = "cpu", runs: int = 8, seed: int = 20260101,
-           feeds: dict[str, np.ndarray] | None = None) -> list[NodeReport]:
-    """Check every SAP node of a hardened model against the reference (custom) or statistics (portable)."""
-    if runs < 1:
-        raise OnnxSapError(f"--runs must be >= 1, got {runs}")
-    check_derived_seed(seed)
+def verify(model: onnx.ModelProto | str | Path, options: VerifyOptions | None = None, *,
+           feeds: dict[str, np.ndarray] | None = None, progress: Callable[[str], None] = lambda message: None,
+           **option_values) -> list[NodeReport]:
+    """Check every SAP node of a hardened model against the reference (custom) or statistics (portable).
+
+    Options come as a VerifyOptions or as keywords (provider=, runs=, seed=); progress is told what
+    each stage did as it finishes."""
+    options = options or VerifyOptions(**option_values)
+    options.validate()
+    provider, runs, seed = options.provider, options.runs, options.seed
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     # From a file, tensors stay on disk (models over 2 GiB): the tapped copy is written beside it.
     m = model if path is None else onnx.load(str(path), load_external_data=False)
@@ -145,6 +166,7 @@ def verify(model: onnx.ModelProto | str | Path, *, provider: str = "cpu", runs: 
             sess = make_session(str(tapped), provider)
         finally:
             tapped.unlink(missing_ok=True)
+    progress(f"loaded a copy tapping {len(custom) + len(portable)} SAP nodes in ONNX Runtime ({provider})")
     feeds = feeds if feeds is not None else random_feeds(sess, batch=4, seed=seed)
     names = list(dict.fromkeys(taps))  # only the tapped tensors: the model's own outputs may be maps
     captured: dict[str, list[np.ndarray]] = {t: [] for t in taps}
@@ -152,6 +174,7 @@ def verify(model: onnx.ModelProto | str | Path, *, provider: str = "cpu", runs: 
         outs = dict(zip(names, sess.run(names, feeds)))
         for t in taps:
             captured[t].append(outs[t])
+    progress(f"ran the model {runs_needed} times")
     reports = []
     for n in custom:
         attrs = _attrs(n)

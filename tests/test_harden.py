@@ -10,7 +10,7 @@ from models import (ACTIVATIONS, NOT_ACTIVATIONS, SPECIAL, activation_as_output,
 
 from onnx_sap import DOMAIN, OP_TYPE, make_session
 from onnx_sap.api import harden, inspect, strip
-from onnx_sap.errors import OnnxSapError
+from onnx_sap.errors import OnnxSapError, OptionError
 from onnx_sap.rewrite import HardenOptions
 
 X16 = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
@@ -249,10 +249,11 @@ def test_no_activations_and_bad_options_are_errors():
     m = dense_with(lambda x: ([], x, []))
     with pytest.raises(OnnxSapError, match="no activations"):
         harden(m)
-    for bad, message in [({"ratio": 0}, "--ratio"), ({"samples": -1}, "--samples"), ({"mode": "x"}, "--mode"),
-                         ({"ensemble": 0}, "--ensemble"), ({"ensemble_reduce": "max"}, "--ensemble-reduce")]:
-        with pytest.raises(OnnxSapError, match=message):
+    for bad in ({"ratio": 0}, {"samples": -1}, {"mode": "x"}, {"ensemble": 0}, {"ensemble_reduce": "max"},
+                {"include": ["relu", ""]}):
+        with pytest.raises(OptionError, match=f"^{next(iter(bad))} must") as caught:  # the Python name, not a flag
             harden(cnn(), **bad)
+        assert caught.value.name == next(iter(bad)) and "--" not in str(caught.value)
     with pytest.raises(OnnxSapError, match="opset >= 13"):
         harden(legacy_ir3(), portable=True)
 
