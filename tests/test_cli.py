@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -25,12 +24,9 @@ def model_path(tmp_path):
     return p
 
 
-PROGRESS = re.compile(r"^(harden|verify|bench): .* \[\d+\.\d s\]$")  # a finished stage, in logs
-
-
 def assert_one_line_error(res, *fragments):
     assert res.returncode == 2, res.stderr
-    lines = [line for line in res.stderr.strip().splitlines() if line.strip() and not PROGRESS.match(line)]
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
     assert "Traceback" not in res.stderr
     for f in fragments:
@@ -188,7 +184,7 @@ def test_json_errors_on_stdout_with_the_same_exit_code(model_path, tmp_path):
         res = cli(*args)
         assert res.returncode == 2, res
         assert set(json.loads(res.stdout)) == {"error"}
-    assert "--ratio must be finite and > 0" in json.loads(cli("harden", model_path, "--ratio", "-1", "--json").stdout)["error"]
+    assert "--ratio must be > 0" in json.loads(cli("harden", model_path, "--ratio", "-1", "--json").stdout)["error"]
 
 
 def test_option_errors_name_the_flag(model_path):
