@@ -350,15 +350,19 @@ def verify(
                                  help="cpu or cuda (refused when the session would fall back to CPU)."),
     runs: int = typer.Option(8, help="Runs (call indices 0..RUNS-1) compared with the reference."),
     seed: int = typer.Option(20260101, help="Seed from which the verified copy's SAP nodes get theirs."),
+    end_to_end: int = typer.Option(2, metavar="RUNS", help="Runs also compared output for output with onnx's "
+                                                           "reference runtime (If/Loop bodies included; 0: none)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Check each SAP node against the NumPy reference.
 
-    Every SAP node runs in ONNX Runtime with fixed seeds; exit 1 on any disagreement."""
+    Every SAP node runs in ONNX Runtime with fixed seeds; its inputs and outputs are compared with the
+    reference's, and the whole model's outputs with onnx's reference runtime running the NumPy
+    reference for SAP (same seeds, same call indices). Exit 1 on any disagreement."""
     from .modelio import load_model
     from .verify import VerifyOptions, verify as verify_api
 
-    options = VerifyOptions(provider=provider, runs=runs, seed=seed)
+    options = VerifyOptions(provider=provider, runs=runs, seed=seed, end_to_end=end_to_end)
     options.validate()  # before the model is read: a bad option is reported first
     load_model(model)  # clear errors for bad files before anything else
     if not os.access(model.parent if str(model.parent) else Path("."), os.W_OK):
@@ -366,35 +370,43 @@ def verify(
     with stages("verify", quiet=as_json) as progress:
         reports = verify_api(model, options, progress=progress)
     bad = [r for r in reports if not r.ok]
+    e2e = reports.end_to_end
     if as_json:
-        print_json([dict(r.__dict__, ok=r.ok) for r in reports])
-    else:
-        table = LegendTable(f"SAP nodes of {escape(str(model))} vs the reference ({provider}, {runs} runs each; portable: "
-                       f"{max([r.runs for r in reports if r.form == 'portable'], default=0)} runs)",
-                       "mode: the node's (portable: standard ops, checked by statistics alone); mask diffs: keep "
-                       "decisions unlike the reference's outside SPEC.md's margin band; ulps: the largest "
-                       "difference of kept values (SPEC.md allows 4); kept / expected: elements kept over all "
-                       "runs vs the sum of keep probabilities q; z: standard scores of the kept count and of "
+        print_json({"nodes": [dict(r.__dict__, ok=r.ok) for r in reports],
+                    "end_to_end": dict(e2e.__dict__, ok=e2e.ok) if e2e else None, "ok": reports.ok})
+    elif reports:
+        portable_runs = max([r.runs for r in reports if r.form == "portable"], default=0)
+        table = LegendTable(f"SAP nodes of {escape(str(model))} vs the reference ({provider}, {runs} runs each"
+                            + (f"; portable: {portable_runs} runs)" if portable_runs else ")"),
+                       "node: name, then mode and shape (portable: standard ops, checked by statistics alone); "
+                       "mask diffs: keep decisions unlike the reference's outside SPEC.md's margin band; ulps: the "
+                       "largest difference of kept values (SPEC.md allows 4); kept/expected: elements kept over "
+                       "all runs vs the sum of keep probabilities q; z: standard scores of the kept count and of "
                        "sum(Y - X) (|z| > 6 fails)")
-        table.add_column("node", overflow="fold", ratio=1, min_width=12)
-        table.add_column("mode", overflow="fold")
-        table.add_column("shape", overflow="fold")
-        for col in ("mask diffs", "ulps", "kept / expected", "z"):
-            table.add_column(col, justify="right")
+        table.add_column("node", overflow="fold")
+        for col in ("mask\ndiffs", "ulps", "kept/\nexpected", "z kept/\nz mean"):
+            table.add_column(col, justify="right", no_wrap=True)
         table.add_column("ok", no_wrap=True)
         for r in reports:
             custom = r.form == "custom"
-            table.add_row(r.node, r.mode if custom else f"{r.mode} (portable)", "x".join(map(str, r.shape)),
-                          str(r.mask_disagreements) if custom else "-", f"{r.max_ulps:.1f}" if custom else "-",
-                          f"{r.kept} / {r.expected_kept:.0f}", f"{r.z_kept:+.1f} / {r.z_mean:+.1f}",
-                          Text("yes", style="green") if r.ok else Text("NO", style="red"))
+            what = f"{r.mode} {'x'.join(map(str, r.shape))}" + ("" if custom else " (portable)")
+            table.add_row(escape(f"{r.node}\n{what}"), str(r.mask_disagreements) if custom else "-",
+                          f"{r.max_ulps:.1f}" if custom else "-", f"{r.kept}/{r.expected_kept:.0f}",
+                          f"{r.z_kept:+.1f}/{r.z_mean:+.1f}", Text("yes", style="green") if r.ok else Text("NO", style="red"))
         show(table)
         for r in bad:
             for p in r.problems:
                 err.print(Text(f"{r.node}: {p}"), soft_wrap=True)
         out.print(f"{len(reports) - len(bad)} of {len(reports)} SAP nodes agree with the reference"
                   + ("" if not bad else "; see the problems above"))
-    if bad:
+    if e2e is not None and not as_json:
+        if e2e.skipped:
+            out.print(Text(f"end to end: not compared: {e2e.skipped}"))
+        else:
+            out.print(f"end to end ({e2e.sap_nodes} SAP nodes, bodies included): {e2e.runs - e2e.differing_runs} "
+                      f"of {e2e.runs} runs give ONNX Runtime's outputs in onnx's reference runtime "
+                      f"(max |diff| {e2e.max_abs_diff:.2e})")
+    if not reports.ok:
         raise typer.Exit(1)
 
 

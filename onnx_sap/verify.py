@@ -4,6 +4,10 @@ Each custom SAP node's input and output are exposed as extra graph outputs of a 
 fixed seeds; over several runs (call indices 0, 1, ...) the op's keep mask must equal the reference's
 outside SPEC.md's margin band, kept values must agree to 4 ulps, and the statistics must hold.
 Portable-form regions cannot reproduce the Philox stream and are checked by statistics alone.
+
+End to end, the same seeded copy also runs in onnx's reference runtime with every SAP node computed
+by the NumPy reference (reference_op.py), If/Loop/Scan bodies included: with the same call indices
+its outputs must equal ONNX Runtime's. That reaches SAP nodes inside bodies, which cannot be tapped.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import onnx
 
 from . import reference
 from .check import random_feeds
-from .errors import OnnxSapError, OptionError
+from .errors import OnnxSapError, OptionError, first_line
 from .reference import MAX_ULPS, compare_with_reference
 from .runtime import make_session, provider_name
-from .sap_nodes import PORTABLE, check_derived_seed, is_custom, node_attributes, parse_name, with_seed
+from .sap_nodes import PORTABLE, check_derived_seed, find_sap_nodes, is_custom, node_attributes, parse_name, with_seed
 
 Z_LIMIT = 6.0
 
@@ -33,12 +37,15 @@ class VerifyOptions:
     provider: str = "cpu"
     runs: int = 8  # call indices 0..runs-1 compared with the reference
     seed: int = 20260101  # the verified copy's SAP nodes get seeds derived from it
+    end_to_end: int = 2  # runs also compared output for output with onnx's reference runtime (0: none)
 
     def validate(self) -> None:
         """Raise OptionError naming the first bad option."""
         provider_name(self.provider)
         if self.runs < 1:
             raise OptionError("runs", f"must be >= 1, got {self.runs}")
+        if self.end_to_end < 0:
+            raise OptionError("end_to_end", f"must be >= 0 (0: no end-to-end comparison), got {self.end_to_end}")
         check_derived_seed(self.seed)
 
 
@@ -62,6 +69,34 @@ class NodeReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+@dataclass
+class EndToEndReport:
+    """The whole model in ONNX Runtime against onnx's reference runtime with the NumPy SAP reference."""
+
+    runs: int
+    outputs: list[str]
+    sap_nodes: int  # SAP nodes on the way, bodies included
+    max_abs_diff: float = 0.0
+    differing_runs: int = 0
+    skipped: str = ""  # why nothing was compared, if so
+
+    @property
+    def ok(self) -> bool:
+        return not self.differing_runs
+
+
+class VerifyReport(list):
+    """verify's result: a NodeReport per SAP node of the main graph, and the end-to-end comparison."""
+
+    def __init__(self, nodes: list[NodeReport], end_to_end: EndToEndReport | None):
+        super().__init__(nodes)
+        self.end_to_end = end_to_end
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self) and (self.end_to_end is None or self.end_to_end.ok)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -130,14 +165,14 @@ def _portable_regions(graph: onnx.GraphProto) -> dict[str, tuple[str, str, dict]
 
 def verify(model: onnx.ModelProto | str | Path, options: VerifyOptions | None = None, *,
            feeds: dict[str, np.ndarray] | None = None, progress: Callable[[str], None] = lambda message: None,
-           **option_values) -> list[NodeReport]:
+           **option_values) -> VerifyReport:
     """Check every SAP node of a hardened model against the reference (custom) or statistics (portable).
 
     Options come as a VerifyOptions or as keywords (provider=, runs=, seed=); progress is told what
     each stage did as it finishes."""
     options = options or VerifyOptions(**option_values)
     options.validate()
-    provider, runs, seed = options.provider, options.runs, options.seed
+    provider, runs, seed, end_to_end = options.provider, options.runs, options.seed, options.end_to_end
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     # From a file, tensors stay on disk (models over 2 GiB): the tapped copy is written beside it.
     m = model if path is None else onnx.load(str(path), load_external_data=False)
@@ -145,15 +180,25 @@ def verify(model: onnx.ModelProto | str | Path, options: VerifyOptions | None = 
     m = with_seed(m, seed)  # reproducible copy: seed 0 would draw OS entropy on every run
     custom = [n for n in m.graph.node if is_custom(n)]
     portable = _portable_regions(m.graph)
-    if not custom and not portable:
-        raise OnnxSapError("no SAP nodes in the main graph: nothing to verify; harden the model first")
-    runs_needed = runs if not portable else max(runs, 200)
+    everywhere = find_sap_nodes(m.graph)
+    in_bodies = [f for f in everywhere if f.graph != "main"]
+    if not everywhere:
+        raise OnnxSapError("the model has no SAP nodes: nothing to verify; harden the model first")
+    if not custom and not portable and not end_to_end:
+        raise OnnxSapError(f"the model's {len(in_bodies)} SAP nodes sit inside If/Loop/Scan bodies, which only the "
+                           "end-to-end comparison reaches, and end_to_end is 0: nothing to verify")
+    e2e_skip = ("the portable form cannot reproduce the operator's stream"
+                if any(f.form == "portable" for f in everywhere) else "")
+    runs_needed = max(runs if custom or portable else 0, end_to_end if not e2e_skip else 0)
+    runs_needed = runs_needed if not portable else max(runs, 200)
     existing = {o.name for o in m.graph.output}
     taps: list[str] = []
     for n in custom:
         taps += [n.input[0], n.output[0]]
     for inp, outp, _ in portable.values():
         taps += [inp, outp]
+    if end_to_end and not e2e_skip:
+        taps += [o.name for o in m.graph.output if o.type.HasField("tensor_type")]
     for name in dict.fromkeys(taps):
         if name not in existing:
             m.graph.output.append(_value_info(m, name))
@@ -166,7 +211,7 @@ def verify(model: onnx.ModelProto | str | Path, options: VerifyOptions | None = 
             sess = make_session(str(tapped), provider)
         finally:
             tapped.unlink(missing_ok=True)
-    progress(f"loaded a copy tapping {len(custom) + len(portable)} SAP nodes in ONNX Runtime ({provider})")
+    progress(f"loaded a seeded copy tapping {len(custom) + len(portable)} SAP nodes in ONNX Runtime ({provider})")
     feeds = feeds if feeds is not None else random_feeds(sess, batch=4, seed=seed)
     names = list(dict.fromkeys(taps))  # only the tapped tensors: the model's own outputs may be maps
     captured: dict[str, list[np.ndarray]] = {t: [] for t in taps}
@@ -207,7 +252,42 @@ def verify(model: onnx.ModelProto | str | Path, options: VerifyOptions | None = 
                 rep.problems.append(f"{most} distinct elements kept, more than r = {r_fixed}")
         _check_stats(rep)
         reports.append(rep)
-    return reports
+    e2e = None
+    if end_to_end:
+        outputs = [o.name for o in m.graph.output if o.type.HasField("tensor_type") and o.name in existing]
+        e2e = EndToEndReport(min(end_to_end, runs_needed), outputs, len(everywhere), skipped=e2e_skip)
+        if not e2e_skip:
+            _compare_end_to_end(e2e, m, feeds, captured)
+            progress(f"compared {e2e.runs} runs end to end with onnx's reference runtime")
+    return VerifyReport(reports, e2e)
+
+
+def _compare_end_to_end(report: EndToEndReport, model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                        captured: dict[str, list[np.ndarray]]) -> None:
+    """Run model in onnx's reference runtime for calls 0..runs-1 and compare with ONNX Runtime's outputs
+    of the same calls. Float ops other than SAP may round differently there: values must agree to
+    1e-4 relative; a SAP keep decision flipped inside the band would show as a differing run."""
+    from .reference_op import reference_session
+
+    try:
+        ref = reference_session(model)
+        results = [ref.run(report.outputs, feeds) for _ in range(report.runs)]
+    except Exception as e:  # an op the reference runtime lacks (ai.onnx.ml's ZipMap, say) is not SAP's fault
+        report.skipped = f"onnx's reference runtime cannot run this model ({first_line(e)})"
+        return
+    for call, outs in enumerate(results):
+        differs = False
+        for name, want in zip(report.outputs, outs):
+            got = captured[name][call]
+            want = np.asarray(want)
+            if got.dtype.kind != "f":
+                differs |= not np.array_equal(got, want)
+                continue
+            diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+            scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+            report.max_abs_diff = max(report.max_abs_diff, float(np.max(diff)) if diff.size else 0.0)
+            differs |= not np.allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+        report.differing_runs += differs
 
 
 def _initializer(graph: onnx.GraphProto, name: str | None, default: float) -> np.ndarray | float:

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from models import cnn, with_if
+from models import cnn, with_if, with_loop
 
 from onnx_sap import reference
 from onnx_sap.api import harden
@@ -67,9 +67,33 @@ def test_verify_refuses_cuda_without_gpu_runtime():
         verify(h, provider="cuda")
 
 
-def test_verify_skips_nothing_silently_for_subgraph_only_models():
+@pytest.mark.parametrize("build", [with_if, with_loop])
+def test_end_to_end_reaches_sap_inside_bodies(build):
+    reports = verify(harden(build()).model, end_to_end=3)
+    assert len(reports) == 0 and reports.ok  # no main-graph node to tap: the end-to-end comparison is the check
+    e2e = reports.end_to_end
+    assert e2e.runs == 3 and e2e.sap_nodes >= 1 and not e2e.skipped and e2e.differing_runs == 0
+
+
+def test_end_to_end_needs_the_same_call_indices(monkeypatch):
+    # A reference one call ahead of the operator (as if ONNX Runtime's counter skipped a run) differs.
+    from onnx_sap.reference_op import StochasticActivationPruning
+
+    run = StochasticActivationPruning._run
+    monkeypatch.setattr(StochasticActivationPruning, "_run",
+                        lambda self, x, **a: (setattr(self, "calls", self.calls + 1), run(self, x, **a))[1])
+    reports = verify(harden(with_loop()).model, end_to_end=2)
+    assert reports.end_to_end.differing_runs == 2 and not reports.ok
+
+
+def test_verify_refuses_body_only_models_without_end_to_end():
     with pytest.raises(Exception, match="nothing to verify"):
-        verify(harden(with_if()).model)
+        verify(harden(with_if()).model, end_to_end=0)
+
+
+def test_portable_models_are_not_compared_end_to_end():
+    reports = verify(harden(cnn(), portable=True, mode="bernoulli").model, runs=4)
+    assert reports.end_to_end.skipped.startswith("the portable form")
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
