@@ -170,7 +170,7 @@ def test_harden_summary_progress_and_next_step_never_offer_a_hardened_original(m
     first = cli80("harden", model_path, "-o", tmp_path / "h.onnx")
     assert "before -> after: nodes 7 -> 9, SAP sites 0 -> 2" in first.stdout
     assert f"evaluate {model_path} {tmp_path / 'h.onnx'}" in first.stdout
-    assert "harden: wrote" in first.stderr and "harden: checked" in first.stderr  # plain progress lines in logs
+    assert "harden: wrote" in first.stderr and "checked in ONNX Runtime" in first.stderr  # plain lines in logs
     again = cli80("harden", tmp_path / "h.onnx", "-o", tmp_path / "h2.onnx", "--force")
     assert again.returncode == 0, again.stderr
     assert "SAP sites 2 -> 2" in again.stdout

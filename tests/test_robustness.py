@@ -188,7 +188,7 @@ def test_evaluate_accepts_sap_only_inside_if_bodies():
 
 def test_seeds_that_would_overflow_are_refused(tmp_path):
     hardened = harden(cnn(), check=False).model
-    with pytest.raises(OnnxSapError, match=r"--seed must be in \[0, 2\^53\)"):
+    with pytest.raises(OnnxSapError, match=r"^seed must be in \[0, 2\^53\)"):  # the API names its parameter
         verify(hardened, seed=10**17)
     with pytest.raises(OnnxSapError, match="seed"):
         tiny_options(seed=-1).validate()
@@ -202,7 +202,7 @@ def test_seeds_that_would_overflow_are_refused(tmp_path):
 
 def test_api_validates_counts():
     hardened = harden(cnn(), check=False).model
-    with pytest.raises(OnnxSapError, match="--runs must be >= 1"):
+    with pytest.raises(OnnxSapError, match="^runs must be >= 1"):
         verify(hardened, runs=0)
     with pytest.raises(OnnxSapError, match="rounds"):
         bench(cnn(), hardened, rounds=0)
