@@ -14,6 +14,7 @@ is a failure. The same seed gives the same cases:
 
     .venv/bin/python tests/fuzzing.py --cases 3000 --seed 1            # prints counts per outcome
     .venv/bin/python tests/fuzzing.py --cases 200 --seed 7 --save-failures tests/fuzz_corpus
+    .venv/bin/python tests/fuzzing.py --atheris -runs=500 -seed=1   # coverage-guided, with atheris
 """
 
 from __future__ import annotations
@@ -377,14 +378,15 @@ def _check_output(out: Path) -> str | None:
     return None
 
 
-def _child(model_path: Path, out: Path, options: list[str], result: Path) -> None:
+def _child(model_path: Path, out: Path, options: list[str], result: Path, in_process: bool = False) -> None:
     """Runs in the child: harden through the CLI's entry point, then check what it wrote."""
     import onnxruntime
 
     from onnx_sap import cli
 
-    onnxruntime.set_default_logger_severity(3)  # its warnings about the mutated models are expected noise
-    _limit_memory()
+    onnxruntime.set_default_logger_severity(4)  # its errors about the mutated models are expected noise
+    if not in_process:  # in process (atheris), libFuzzer's -rss_limit_mb bounds memory
+        _limit_memory()
     stdout, stderr = io.StringIO(), io.StringIO()
     argv = ["onnx-sap", "harden", str(model_path), "-o", str(out), *options]
     sys.argv = argv
@@ -419,24 +421,28 @@ def _context():
     return _CONTEXT
 
 
-def run_case(data: bytes, options: list[str], timeout: float = 120.0) -> tuple[str, str]:
-    """Harden `data` with `options` in a child process; returns (outcome, detail)."""
+def run_case(data: bytes, options: list[str], timeout: float = 120.0, in_process: bool = False) -> tuple[str, str]:
+    """Harden `data` with `options` in a child process (or in this one: a crash then ends the run);
+    returns (outcome, detail)."""
     with tempfile.TemporaryDirectory(prefix="onnx-sap-fuzz-") as tmp:
         work = Path(tmp)
         model_path, out, result = work / "in.onnx", work / "out.onnx", work / "result.json"
         model_path.write_bytes(data)
         digest = hashlib.sha256(data).hexdigest()
-        child = _context().Process(target=_child, args=(model_path, out, options, result))
-        child.start()
-        child.join(timeout)
-        if child.exitcode is None:
-            child.kill()
-            child.join()
-            return "timeout", f"no result after {timeout:.0f} s"
-        if child.exitcode < 0:
-            return "crash", f"signal {-child.exitcode}"
-        if not result.exists():
-            return "crash", f"child exited {child.exitcode} without a result"
+        if in_process:
+            _child(model_path, out, options, result, in_process=True)
+        else:
+            child = _context().Process(target=_child, args=(model_path, out, options, result))
+            child.start()
+            child.join(timeout)
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+                return "timeout", f"no result after {timeout:.0f} s"
+            if child.exitcode < 0:
+                return "crash", f"signal {-child.exitcode}"
+            if not result.exists():
+                return "crash", f"child exited {child.exitcode} without a result"
         doc = json.loads(result.read_text())
         code, err = doc["code"], doc["stderr"]
         if hashlib.sha256(model_path.read_bytes()).hexdigest() != digest:
@@ -482,7 +488,48 @@ def fuzz(cases: int, seed: int, save_failures: Path | None = None, verbose: bool
     return counts
 
 
+def atheris_main(argv: list[str]) -> None:
+    """Coverage-guided fuzzing with atheris (pip install atheris), in this process: libFuzzer picks
+    the inputs, mutated by make_case's mutations (custom_mutator), and onnx_sap is instrumented.
+    libFuzzer's own flags follow --atheris (-runs=N, -seed=S, -rss_limit_mb=..., a corpus folder);
+    a failing case raises, and libFuzzer saves it as crash-*."""
+    import zlib
+
+    import atheris
+
+    with atheris.instrument_imports(include=["onnx_sap"]):
+        import onnx_sap.cli  # noqa: F401
+
+    seeds = seed_models()
+
+    def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+        rng = random.Random(seed)
+        return make_case([data] if _parses(data) else seeds, rng)[0][:max_size]
+
+    def test_one(data: bytes) -> None:
+        options = OPTION_SETS[zlib.crc32(data) % len(OPTION_SETS)]
+        outcome, detail = run_case(data, options, in_process=True)
+        if outcome not in (OK, USER_ERROR):
+            raise RuntimeError(f"{outcome} with {' '.join(options)}: {detail}")
+
+    atheris.Setup(argv, test_one, custom_mutator=mutate)
+    atheris.Fuzz()
+
+
+def _parses(data: bytes) -> bool:
+    """Whether data is a model with a graph to mutate further (else a seed model is taken)."""
+    m = onnx.ModelProto()
+    try:
+        m.ParseFromString(data)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+        return False
+    return len(m.graph.node) > 0
+
+
 def main() -> int:
+    if "--atheris" in sys.argv:
+        atheris_main([a for a in sys.argv if a != "--atheris"])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
