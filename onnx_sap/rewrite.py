@@ -261,6 +261,10 @@ def _add_ensemble(graph: gs.Graph, k: int, reduce: str, opset: int, names: _Name
         already_probs = src.op == "Softmax"
         members, _ = _detach_output(graph, y, names, "__members")
         members.shape = None  # k times the output's batch
+        for consumer in list(y.outputs):  # nodes that read the output go on computing on every member
+            for j, t in enumerate(list(consumer.inputs)):
+                if t is y:
+                    consumer.inputs[j] = members
         p = region_name(ENSEMBLE_OUT, i)
 
         def v(tag: str) -> gs.Variable:
@@ -273,7 +277,9 @@ def _add_ensemble(graph: gs.Graph, k: int, reduce: str, opset: int, names: _Name
         nodes = [
             gs.Node("Shape", name=f"{p}#shape", inputs=[members], outputs=[shape]),
             gs.Node("Slice", name=f"{p}#rest", inputs=[shape, const("one", [1]), const("end", [2**62])],
-                    outputs=[rest]),
+                    outputs=[rest]) if opset >= 10 else  # before opset 10, Slice's bounds are attributes
+            gs.Node("Slice", name=f"{p}#rest", inputs=[shape], outputs=[rest],
+                    attrs={"starts": [1], "ends": [2**62], "axes": [0]}),
             gs.Node("Concat", name=f"{p}#target", inputs=[const("kn", [k, -1]), rest], outputs=[new_shape],
                     attrs={"axis": 0}),
             gs.Node("Reshape", name=f"{p}#regroup", inputs=[members, new_shape], outputs=[grouped]),
@@ -450,6 +456,8 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, provenance: dict | None)
         kept = {t.name for t in model.graph.initializer}
         del model.graph.input[:]
         model.graph.input.extend(i for i in original.graph.input if i.name not in initializers or i.name in kept)
+        model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                 for t in model.graph.initializer if t.name not in initializers)  # ours (--ensemble)
     return model
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from fuzzing import FAILURES, fuzz, run_case
-from models import cnn, dense_with, f32, legacy_ir3, model, single, with_if
+from models import activation_as_output, cnn, dense_with, f32, legacy_ir3, model, single, with_if
 from onnx import TensorProto, helper
 
 from onnx_sap import make_session
@@ -109,6 +109,23 @@ def test_bfloat16_sites_and_outputs_are_refused_clearly():
                   [f32("x", ["N", 16])], [y])
     with pytest.raises(OnnxSapError, match="--ensemble needs float16/float32/float64 outputs; output 'y' is bfloat16"):
         harden(mixed, ensemble=2)
+
+
+@pytest.mark.parametrize("reduce", ["probs", "logits"])
+def test_ensemble_at_opset_8(reduce):
+    """Slice took its bounds as attributes before opset 10: the regrouping node was invalid there."""
+    report = harden(legacy_ir3(), ensemble=2, ensemble_reduce=reduce, mode="bernoulli")
+    assert report.check.equivalence_checked
+
+
+def test_ensemble_of_a_model_whose_activation_is_also_an_output():
+    """The features output feeds the classifier head too: the head must go on reading every member
+    (it read the reduced features, placed after it: a graph the checker refused)."""
+    m = activation_as_output()
+    report = harden(m, ensemble=3, ensemble_reduce="logits", mode="bernoulli")
+    assert report.check.equivalence_checked
+    x = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
+    assert [o.shape for o in make_session(report.model).run(None, {"x": x})] == [(4, 10), (4, 12)]
 
 
 def test_ensemble_with_a_static_batch():
