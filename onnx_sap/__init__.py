@@ -40,7 +40,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(__all__)  # the public names, the lazily imported ones included
 
 
 __all__ = [
