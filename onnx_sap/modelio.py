@@ -74,41 +74,106 @@ class LeanModel:
 
 
 def read_lean_model(path: str | os.PathLike) -> LeanModel:
-    """read_model, holding the large initializers of the main graph outside the ModelProto (one copy
-    of the weights in memory, which the rewrite, the check and the writer share)."""
+    """read_model, holding the large initializers of the main graph outside the ModelProto: the
+    file is mapped, not read, and each such tensor's array is a view of its bytes in the file (or in
+    its external-data file), which the rewrite, the check and the writer share."""
     p = Path(path)
-    model = _parse(p)
+    _parse(p, header_only=True)
+    try:
+        file = np.memmap(p, dtype=np.uint8, mode="r")
+        lean_bytes, spans = _without_large_raw_data(memoryview(file))
+        model = onnx.ModelProto.FromString(lean_bytes)
+    except (ValueError, IndexError, DecodeError):  # empty, or not protobuf: onnx.load says what is wrong
+        model, spans = _parse(p), {}
+    if not model.graph.node and not model.graph.output:
+        raise OnnxSapError(f"{p}: not an ONNX model (no graph); re-export it or check the file is complete")
     external = uses_external_data(model)
     weights: dict[str, np.ndarray] = {}
-    lean_headers: list[onnx.TensorProto | None] = []
     try:
-        for t in model.graph.initializer:
-            values = _lean_values(t, p.parent)
-            lean_headers.append(None if values is None else _held_header(t))
+        for i, t in enumerate(model.graph.initializer):
+            values = _lean_values(t, p.parent, file[slice(*spans[i])] if i in spans else None)
             if values is not None:
                 weights[t.name] = values
-        # A new message without the initializers' bytes: the parsed one keeps its memory until freed.
-        lean = onnx.ModelProto()
-        initializers = [t if h is None else h for t, h in zip(model.graph.initializer, lean_headers)]
-        kept = [onnx.TensorProto() for _ in initializers]
-        for k, t in zip(kept, initializers):
-            k.CopyFrom(t)
-        del model.graph.initializer[:], initializers
-        lean.CopyFrom(model)
-        lean.graph.initializer.extend(kept)
-        del model, kept
-        for t in onnx.external_data_helper._get_all_tensors(lean):  # the rest, as onnx.load would
+                t.CopyFrom(_held_header(t))
+            elif i in spans:
+                t.raw_data = bytes(file[slice(*spans[i])])  # not one to hold: back into the proto
+        for t in onnx.external_data_helper._get_all_tensors(model):  # the rest, as onnx.load would
             if onnx.external_data_helper.uses_external_data(t) and not _is_held(t):
                 onnx.external_data_helper.load_external_data_for_tensor(t, str(p.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
         raise OnnxSapError(f"{p}: its external data could not be read ({first_line(e)}); keep the data files "
                            "beside the model") from None
-    check_input_model(lean, p)
-    return LeanModel(lean, weights, external)
+    check_input_model(model, p)
+    return LeanModel(model, weights, external)
 
 
-def _lean_values(t: onnx.TensorProto, folder: Path) -> np.ndarray | None:
-    """The tensor's values as an array if it is to be held outside the proto, else None."""
+def _without_large_raw_data(buf: memoryview) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """A serialized ModelProto without the raw_data of its main graph's large initializers, and where
+    each removed raw_data lies in buf, by initializer index (protobuf wire format: ModelProto.graph
+    is field 7, GraphProto.initializer field 5, TensorProto.raw_data field 9)."""
+    out, spans, index = bytearray(), {}, 0
+    for number, start, end, field_start in _fields(buf, 0, len(buf)):
+        if number != 7 or start is None:
+            out += buf[field_start:end]
+            continue
+        graph = bytearray()
+        for g_number, g_start, g_end, g_field_start in _fields(buf, start, end):
+            if g_number != 5 or g_start is None:
+                graph += buf[g_field_start:g_end]
+                continue
+            tensor = bytearray()
+            for t_number, t_start, t_end, t_field_start in _fields(buf, g_start, g_end):
+                if t_number == 9 and t_start is not None and t_end - t_start >= LEAN_TENSOR_BYTES:
+                    spans[index] = (t_start, t_end)
+                else:
+                    tensor += buf[t_field_start:t_end]
+            graph += _field(5, len(tensor)) + tensor
+            index += 1
+        out += _field(7, len(graph)) + graph
+    return bytes(out), spans
+
+
+def _fields(buf: memoryview, pos: int, end: int):
+    """(field number, value start or None if not length-delimited, value end, field start) for each
+    field of the message in buf[pos:end]."""
+    while pos < end:
+        field_start = pos
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+            yield key >> 3, None, pos, field_start
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            yield key >> 3, None, pos, field_start
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            if pos + size > end:
+                raise ValueError("truncated field")
+            yield key >> 3, pos, pos + size, field_start
+            pos += size
+        else:
+            raise ValueError(f"wire type {wire}")
+    if pos != end:
+        raise ValueError("truncated message")
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _lean_values(t: onnx.TensorProto, folder: Path, raw: np.ndarray | None) -> np.ndarray | None:
+    """The tensor's values as an array (a view of the file's bytes where possible) if it is to be
+    held outside the proto, else None. raw: its raw_data bytes, when they were left in the file."""
     dtype = _LEAN_TYPES.get(t.data_type)
     if dtype is None or t.HasField("segment"):
         return None
@@ -124,14 +189,13 @@ def _lean_values(t: onnx.TensorProto, folder: Path) -> np.ndarray | None:
         offset = int(info.get("offset", 0))
         if int(info.get("length", count * dtype.itemsize)) != count * dtype.itemsize:
             raise ValueError(f"tensor {t.name!r}: its external data length does not fit its dims {list(t.dims)}")
-        values = np.fromfile(data, dtype=dtype, count=count, offset=offset)
-        if values.size != count:
+        if data.stat().st_size < offset + count * dtype.itemsize:
             raise ValueError(f"tensor {t.name!r}: {data.name} ends before its data does")
-    elif t.HasField("raw_data"):
-        raw = t.raw_data
-        if len(raw) != count * dtype.itemsize:
+        values = np.memmap(data, dtype=dtype, mode="r", offset=offset, shape=(count,))
+    elif raw is not None:
+        if raw.size != count * dtype.itemsize:
             return None  # left to the input check, which names the problem
-        values = np.frombuffer(raw, dtype=dtype)
+        values = raw.view(dtype)  # possibly unaligned (protobuf does not align): NumPy and ONNX Runtime read it
     else:
         return None
     return values.reshape(tuple(t.dims))
@@ -158,12 +222,15 @@ def _is_held(t: onnx.TensorProto) -> bool:
         e.key == "location" and e.value == IN_MEMORY for e in t.external_data)
 
 
-def _parse(p: Path) -> onnx.ModelProto:
-    """The model file's ModelProto (external data not loaded), or OnnxSapError."""
+def _parse(p: Path, header_only: bool = False) -> onnx.ModelProto | None:
+    """The model file's ModelProto (external data not loaded), or OnnxSapError (header_only: only
+    the checks that the file exists and is a file)."""
     if not p.exists():
         raise OnnxSapError(f"{p}: no such file; give the path of an .onnx model")
     if not p.is_file():
         raise OnnxSapError(f"{p}: not a file; give the path of an .onnx model")
+    if header_only:
+        return None
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as e:
