@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import version_converter
 
 from onnx_sap import make_session
 from onnx_sap.api import harden
@@ -31,10 +32,14 @@ CHROMIUM = os.environ.get("ONNX_SAP_CHROMIUM") or shutil.which("chromium") or "/
 # Headless, and quiet on a closed network: no first-run, sync, component or background fetches.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-STOCHASTIC = {  # model name -> (harden options, runs per side for the accuracy comparison)
-    "bernoulli": ({"portable": True, "mode": "bernoulli"}, 10),
-    "multinomial": ({"portable": True, "mode": "multinomial"}, 10),
-    "ensemble": ({"portable": True, "mode": "multinomial", "ensemble": 4}, 4),  # 4 passes per run
+STOCHASTIC = {  # model name -> (harden options, runs per side for the accuracy comparison, opset)
+    "bernoulli": ({"portable": True, "mode": "bernoulli"}, 10, 17),
+    "multinomial": ({"portable": True, "mode": "multinomial"}, 10, 17),
+    "ensemble": ({"portable": True, "mode": "multinomial", "ensemble": 4}, 4, 17),  # 4 passes per run
+    # From opset 18 the portable form draws its uniforms with SplitMix64 in uint64 integer ops
+    # (BitShift, BitwiseXor, Mul): the browser's wasm kernels must run those too.
+    "bernoulli-opset18": ({"portable": True, "mode": "bernoulli"}, 10, 18),
+    "multinomial-opset18": ({"portable": True, "mode": "multinomial"}, 10, 18),
 }
 
 
@@ -69,7 +74,8 @@ def models(tmp_path_factory) -> dict[str, onnx.ModelProto]:
     original = onnx.load(str(example_file("digits_cnn.onnx")))
     found = {"original": original,
              "deterministic": with_deterministic_sap(harden(original, portable=True, mode="bernoulli").model)}
-    found.update({name: harden(original, **opts).model for name, (opts, _) in STOCHASTIC.items()})
+    at_opset = {17: original, 18: version_converter.convert_version(original, 18)}
+    found.update({name: harden(at_opset[opset], **opts).model for name, (opts, _, opset) in STOCHASTIC.items()})
     for name, m in found.items():
         onnx.save(m, str(folder / f"{name}.onnx"))
     found["_folder"] = folder
