@@ -23,6 +23,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "sap_kernels.h"
 
@@ -123,6 +124,37 @@ SAP_HD float neg_expm1f(float z) {
   return __builtin_fmaf(-two_k, em, 1.0f - two_k);
 }
 
+// -log(u) for 0 < u < 1 in float32: u = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s),
+// s = (m - 1) / (m + 1), by its series to s^9 (truncation below 2^-28 relative; |s| < 0.172).
+SAP_HD float neg_logf(float u) {
+  uint32_t b;
+  memcpy(&b, &u, sizeof b);
+  const bool big = (b & 0x007FFFFFu) > 0x003504F3u;  // mantissa of sqrt(2)
+  const float e = static_cast<float>(static_cast<int32_t>(b >> 23) - (big ? 126 : 127));
+  const float m = float_of((b & 0x007FFFFFu) | (big ? 0x3F000000u : 0x3F800000u));
+  const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+  float t = 1.0f / 9;
+  t = __builtin_fmaf(t, s2, 1.0f / 7);
+  t = __builtin_fmaf(t, s2, 1.0f / 5);
+  t = __builtin_fmaf(t, s2, 1.0f / 3);
+  t = __builtin_fmaf(t, s2, 1.0f);
+  return -__builtin_fmaf(e, 0.693147182f, 2.0f * s * t);
+}
+
+// The multinomial sampler's variates in float32 for float32/float16 data (SPEC.md allows it): each
+// E_i is within about 2^-23 relative of -log(u_i) (plus 2^-25 absolute from rounding u near 1), so a
+// position T_k * S moves by about 1e-7 of S, far inside the 1e-5 decision band. They are summed in
+// float64 like the float64 variates.
+struct Float32Variates {
+  SAP_HD static void run(const StreamKey& key, uint64_t first_block, uint32_t n, double e[kBlock]) {
+    alignas(64) uint32_t w[kBlock];
+    philox_words(key, first_block, n, w);
+    for (int i = 0; i < kBlock; ++i) {
+      e[i] = static_cast<double>(neg_logf(__builtin_fmaf(static_cast<float>(w[i]), 2.3283064e-10f, 1.1641532e-10f)));
+    }
+  }
+};
+
 // Loads and stores of a run of len <= kBlock elements as float32; the rest of the run is zero.
 SAP_HD void load_run(const float* x, int len, float* xs) {
   for (int i = 0; i < kBlock; ++i) xs[i] = i < len ? x[i] : 0.0f;
@@ -215,9 +247,12 @@ struct SimdCall {
   double* scratch;
   const StreamKey* key;
 
+  // float32 variates for float32/float16 data, float64 ones for float64 data.
+  using Variates = std::conditional_t<sizeof(T) == sizeof(double), Float64Variates, Float32Variates>;
+
   static void partial(void* self, size_t t) {
     auto* c = static_cast<SimdCall*>(self);
-    partial_sum_task(*c->layout, c->x, c->scratch, *c->key, static_cast<int64_t>(t));
+    partial_sum_task<T, Variates>(*c->layout, c->x, c->scratch, *c->key, static_cast<int64_t>(t));
   }
   static void prefix(void* self, size_t n) {
     auto* c = static_cast<SimdCall*>(self);
@@ -241,7 +276,7 @@ struct SimdCall {
         return;
       }
     }
-    apply_task(l, c->x, c->y, c->scratch, *c->key, static_cast<int64_t>(t));
+    apply_task<T, Variates>(l, c->x, c->y, c->scratch, *c->key, static_cast<int64_t>(t));
   }
 };
 

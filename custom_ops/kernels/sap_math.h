@@ -373,12 +373,21 @@ SAP_HD void exponential_run(const StreamKey& key, uint64_t first_block, uint32_t
   for (int i = 0; i < kBlock; ++i) e[i] = fast::neg_log_unit(e[i]);
 }
 
+// The variate generator of the sampler below (its template parameter V): this float64 one, or the
+// CPU SIMD levels' float32 one for float32/float16 data (sap_cpu_simd.h).
+struct Float64Variates {
+  SAP_HD static void run(const StreamKey& key, uint64_t first_block, uint32_t n, double e[kBlock]) {
+    exponential_run(key, first_block, n, e);
+  }
+};
+
 // Sum of E_i over variates [begin, end); begin is a multiple of 4.
+template <typename V = Float64Variates>
 SAP_HD double exponential_sum(const StreamKey& key, uint64_t begin, uint64_t end, uint32_t n) {
   double s = 0;
   for (uint64_t b = begin; b < end; b += kBlock) {
     double e[kBlock];
-    exponential_run(key, b >> 2, n, e);
+    V::run(key, b >> 2, n, e);
     const int len = end - b < static_cast<uint64_t>(kBlock) ? static_cast<int>(end - b) : kBlock;
     for (int i = 0; i < len; ++i) s += e[i];
   }
@@ -388,6 +397,7 @@ SAP_HD double exponential_sum(const StreamKey& key, uint64_t begin, uint64_t end
 // Walks sample positions in order. G_k is always computed as (sum of the variates before k's chunk,
 // from the chunk prefix table) + (running sum from the chunk's start), so every caller sees
 // bit-identical positions for the same k whichever chunk of elements it serves.
+template <typename V = Float64Variates>
 struct SampleCursor {
   const double* g_before;  // g_before[d] = sum of E over variate chunks < d
   int64_t chunk;           // variates per chunk (a multiple of kBlock)
@@ -405,7 +415,7 @@ struct SampleCursor {
   // Loads the kBlock variates from b (a multiple of kBlock), given G of the variate before b.
   SAP_HD void load(const StreamKey& key, uint32_t n, uint64_t b, double g_prev) {
     base = b;
-    exponential_run(key, b >> 2, n, pos);
+    V::run(key, b >> 2, n, pos);
     double g = g_prev;
     for (int i = 0; i < kBlock; ++i) {  // a running sum: a latency chain, kept out of the vector loops
       g += pos[i];
@@ -429,7 +439,8 @@ struct SampleCursor {
 
 // Finds the first sample k < r whose position is >= bound, returning r if none. The variate-chunk
 // prefix table narrows the search to one chunk, which is then walked.
-SAP_HD uint64_t first_sample_at_or_after(SampleCursor cur, const StreamKey& key, uint32_t n, uint64_t r,
+template <typename V>
+SAP_HD uint64_t first_sample_at_or_after(SampleCursor<V> cur, const StreamKey& key, uint32_t n, uint64_t r,
                                          int64_t n_var_chunks, double bound) {
   if (bound <= 0.0) return 0;
   // Largest chunk d whose start is below the bound (the walk below settles the exact sample).
@@ -447,9 +458,9 @@ SAP_HD uint64_t first_sample_at_or_after(SampleCursor cur, const StreamKey& key,
 // c_before is the sum of |x| over elements before `begin`. Per run of kBlock elements: the prefix
 // sums C, the positions of the samples landing in the run, each sample's element (the first whose C
 // exceeds its position), then q and y as in bernoulli_range.
-template <typename T>
+template <typename T, typename V>
 SAP_HD void multinomial_range(const T* x, T* y, int64_t begin, int64_t end, double c_before, uint64_t k_begin,
-                              uint64_t k_end, SampleCursor cur, const StreamKey& key, uint32_t n, double sum,
+                              uint64_t k_end, SampleCursor<V> cur, const StreamKey& key, uint32_t n, double sum,
                               double r) {
   if (k_begin < k_end) {
     cur.seek_chunk_start(key, n, static_cast<int64_t>(k_begin / static_cast<uint64_t>(cur.chunk)));

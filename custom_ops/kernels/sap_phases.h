@@ -53,7 +53,8 @@ inline bool make_layout(int64_t examples, int64_t m, uint64_t r, Mode mode, int6
 
 // Phase 1, task t: one partial sum, stored at index chunk + 1 of its table so that phase 2 can
 // prefix-sum in place.
-template <typename T>
+// V: the multinomial variate generator (sap_math.h's Float64Variates unless a driver picks another).
+template <typename T, typename V = Float64Variates>
 SAP_HD void partial_sum_task(const Layout& l, const T* x, double* scratch, const StreamKey& key, int64_t t) {
   double* c_before = scratch;
   double* g_before = scratch + l.examples * l.c_stride();
@@ -67,7 +68,7 @@ SAP_HD void partial_sum_task(const Layout& l, const T* x, double* scratch, const
     const int64_t n = u / l.var_chunks, d = u % l.var_chunks;
     const uint64_t begin = static_cast<uint64_t>(d * l.var_chunk);
     const uint64_t end = begin + l.var_chunk < l.r + 1 ? begin + l.var_chunk : l.r + 1;
-    g_before[n * l.g_stride() + d + 1] = exponential_sum(key, begin, end, static_cast<uint32_t>(n));
+    g_before[n * l.g_stride() + d + 1] = exponential_sum<V>(key, begin, end, static_cast<uint32_t>(n));
   }
 }
 
@@ -89,7 +90,7 @@ SAP_HD void prefix_task(const Layout& l, double* scratch, int64_t n) {
 }
 
 // Phase 3, task t: element chunk t % elem_chunks of example t / elem_chunks.
-template <typename T>
+template <typename T, typename V = Float64Variates>
 SAP_HD void apply_task(const Layout& l, const T* x, T* y, const double* scratch, const StreamKey& key, int64_t t) {
   const int64_t n = t / l.elem_chunks, c = t % l.elem_chunks;
   const int64_t begin = c * l.chunk, end = begin + l.chunk < l.m ? begin + l.chunk : l.m;
@@ -109,7 +110,7 @@ SAP_HD void apply_task(const Layout& l, const T* x, T* y, const double* scratch,
   }
   const double* g_before = scratch + l.examples * l.c_stride() + n * l.g_stride();
   const double g_total = g_before[l.var_chunks];
-  SampleCursor cur{g_before, l.var_chunk, 1.0 / g_total, sum, 0, 0, 0.0, {}};
+  SampleCursor<V> cur{g_before, l.var_chunk, 1.0 / g_total, sum, 0, 0, 0.0, {}};
   const uint64_t k_begin = first_sample_at_or_after(cur, key, n32, l.r, l.var_chunks, c_before[c]);
   const uint64_t k_end =
       c + 1 < l.elem_chunks ? first_sample_at_or_after(cur, key, n32, l.r, l.var_chunks, c_before[c + 1]) : l.r;
