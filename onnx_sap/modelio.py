@@ -248,7 +248,7 @@ def check_input_model(model: onnx.ModelProto, path: str | os.PathLike | None = N
     checker is its own fault. From a path, the checker reads the file (external data stays on disk);
     a lean model is checked without its held weights."""
     check_opset(model, str(path) if path else "the model")
-    problem = _bad_string(model) or _bad_initializer(model.graph)
+    problem = _bad_string(model) or _bad_initializer(model.graph) or _bad_value_info(model.graph)
     if problem is None:
         try:
             if any(_is_held(t) for t in model.graph.initializer):  # a lean model: check it without the weights
@@ -265,6 +265,36 @@ def check_input_model(model: onnx.ModelProto, path: str | os.PathLike | None = N
     if problem is not None:
         raise OnnxSapError(f"the input model is invalid: {problem}; fix or re-export it "
                            "(onnx.checker.check_model(model, full_check=True) checks it)")
+
+
+# No tensor holds this many elements (SPEC.md's sizes are overflow-free below it); shapes declared
+# larger make int64 size arithmetic overflow, in shape inference of the rewritten graph among others.
+MAX_ELEMENTS = 2**48
+
+
+def _bad_value_info(graph: onnx.GraphProto) -> str | None:
+    """Which tensor of the graph (or its bodies) has an element type ONNX does not define, or which
+    graph input or output is declared with more elements than any tensor can hold."""
+    known = set(onnx.TensorProto.DataType.values())
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type not in known:
+            return f"{v.name!r} has element type {v.type.tensor_type.elem_type}, which ONNX does not define"
+    for node in graph.node:
+        for a in node.attribute:
+            for body in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                problem = _bad_value_info(body)
+                if problem:
+                    return problem
+    for v in list(graph.input) + list(graph.output):
+        if not v.type.HasField("tensor_type"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in v.type.tensor_type.shape.dim]
+        n = 1
+        for d in dims:
+            n *= d if isinstance(d, int) and d > 0 else 1
+        if n >= MAX_ELEMENTS:
+            return f"{v.name!r} is declared {dims}: {n:.3g} elements, more than any tensor can hold"
+    return None
 
 
 def _bad_string(message) -> str | None:

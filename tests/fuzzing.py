@@ -476,13 +476,17 @@ def run_case(data: bytes, options: list[str], timeout: float = 120.0, in_process
         return "bad-error", f"exit {code}: {err.strip()[:500]}"
 
 
-def fuzz(cases: int, seed: int, save_failures: Path | None = None, verbose: bool = False) -> collections.Counter:
-    """Run `cases` seeded cases; prints each failure and returns the counts per outcome."""
+def fuzz(cases: int, seed: int, save_failures: Path | None = None, verbose: bool = False,
+         first: int = 0) -> collections.Counter:
+    """Run seeded cases first..cases-1 (the earlier ones are drawn, not run: several processes can
+    share a run); prints each failure and returns the counts per outcome."""
     rng = random.Random(seed)
     seeds = seed_models()
     counts: collections.Counter = collections.Counter()
     for i in range(cases):
         data, options, applied = make_case(seeds, rng)
+        if i < first:
+            continue
         outcome, detail = run_case(data, options)
         counts[outcome] += 1
         if outcome not in (OK, USER_ERROR) or verbose:
@@ -543,11 +547,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--save-failures", type=Path, default=None, help="write failing cases (model + options) here")
     ap.add_argument("--verbose", action="store_true", help="print every case")
+    ap.add_argument("--first", type=int, default=0, help="run only cases FIRST.. (to split a run over processes)")
     args = ap.parse_args()
     start = time.monotonic()
-    counts = fuzz(args.cases, args.seed, args.save_failures, args.verbose)
+    counts = fuzz(args.cases, args.seed, args.save_failures, args.verbose, args.first)
     failures = sum(counts[f] for f in FAILURES)
-    print(f"fuzz: {args.cases} cases, seed {args.seed}, {time.monotonic() - start:.0f} s: "
+    print(f"fuzz: cases {args.first}..{args.cases - 1}, seed {args.seed}, {time.monotonic() - start:.0f} s: "
           + ", ".join(f"{k} {counts[k]}" for k in (OK, USER_ERROR) + FAILURES))
     return 1 if failures else 0
 
