@@ -7,6 +7,10 @@
 
 #include "sap_kernels.h"
 
+#if defined(ONNX_SAP_WITH_X86_SIMD)
+#include <cpuid.h>
+#endif
+
 namespace onnx_sap {
 namespace {
 
@@ -43,17 +47,40 @@ void run_scalar(const T* x, T* y, const Layout& layout, const StreamKey& key, do
 
 constexpr const char* kIsaNames[kIsaLevels] = {"scalar", "avx2", "avx512"};
 
+#if defined(ONNX_SAP_WITH_X86_SIMD)
+// cpuid and xgetbv directly rather than __builtin_cpu_supports: the latter needs the runtime's CPU
+// model (libgcc's or compiler-rt's), which zig's toolchain (the release wheel's) leaves empty, and
+// xgetbv also says whether the OS saves the ymm/zmm registers.
+struct X86Levels {
+  bool v3 = false;  // AVX2, FMA, F16C, BMI2, with ymm state enabled
+  bool v4 = false;  // v3 + AVX-512 F/DQ/BW/VL, with zmm state enabled
+};
+
+X86Levels detect_x86() {
+  X86Levels l;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return l;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
+  if (!osxsave || !avx || __get_cpuid_max(0, nullptr) < 7) return l;
+  unsigned xcr0_lo = 0, xcr0_hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const bool ymm_state = (xcr0_lo & 0x6u) == 0x6u, zmm_state = (xcr0_lo & 0xE6u) == 0xE6u;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = b & (1u << 5), bmi2 = b & (1u << 8), avx512f = b & (1u << 16), avx512dq = b & (1u << 17),
+             avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
+  l.v3 = ymm_state && fma && f16c && avx2 && bmi2;
+  l.v4 = l.v3 && zmm_state && avx512f && avx512dq && avx512bw && avx512vl;
+  return l;
+}
+#endif
+
 bool cpu_has(Isa isa) {
 #if defined(ONNX_SAP_WITH_X86_SIMD)
-  __builtin_cpu_init();
-  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                  __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+  static const X86Levels levels = detect_x86();
   switch (isa) {
     case Isa::kScalar: return true;
-    case Isa::kAvx2: return v3;
-    case Isa::kAvx512:
-      return v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    case Isa::kAvx2: return levels.v3;
+    case Isa::kAvx512: return levels.v4;
   }
   return false;
 #else
