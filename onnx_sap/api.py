@@ -152,31 +152,38 @@ def sweep(model: ModelLike, x, y, options=None, evaluate_options=None, *, progre
     ratios=, modes=, ensembles=) and evaluate each on (x, y); returns a SweepResult, the original's
     row first, then the configurations from the best worst-case accuracy down. scheduler as for
     onnx_sap.evaluate.evaluate (None: in this process). Bad options are refused before any work."""
+    from .distributed import parse_scheduler
     from .search import SweepOptions, sweep as sweep_models
 
     options = options or SweepOptions(**option_values)
     options.validate()
+    if scheduler is not None:
+        parse_scheduler(scheduler)
     original, _, _ = _load_whole(model)
     return sweep_models(original, x, y, options, evaluate_options, progress, scheduler=scheduler)
 
 
 def tune(model: ModelLike, x, y, output: str | os.PathLike | None = None, options=None, *, overwrite: bool = False,
-         progress=None, **option_values):
+         progress=None, scheduler=None, **option_values):
     """Choose a ratio per SAP site of model so that clean majority accuracy on (x, y), held out from
     any attack, stays within budget points of the original's; returns a TuneResult.
 
     Options come as a TuneOptions or as keywords (budget=, mode=, ...). With a path and no output the
     result goes beside the input as model.tuned.onnx; with a ModelProto it is written only when
-    output is given, after the same ONNX Runtime check as harden's."""
+    output is given, after the same ONNX Runtime check as harden's. scheduler as for
+    onnx_sap.evaluate.evaluate (None: in this process)."""
+    from .distributed import parse_scheduler
     from .search import TuneOptions, tune as tune_model
 
     options = options or TuneOptions(**option_values)
     options.validate()
+    if scheduler is not None:
+        parse_scheduler(scheduler)
     original, in_path, external = _load_whole(model)
     out_path = Path(output) if output is not None else (default_output(in_path, "tuned") if in_path else None)
     if out_path is not None:
         check_output_path(out_path, in_path, overwrite)
-    result = tune_model(original, x, y, options, progress)
+    result = tune_model(original, x, y, options, progress, scheduler=scheduler)
     if out_path is not None:
         check = lambda staged: check_hardened(original, str(staged), HardenOptions(mode=options.mode))  # noqa: E731
         result.output = save_model(result.model, out_path, external_data=external, before_commit=check)

@@ -649,21 +649,27 @@ def tune(
     passes: int = typer.Option(16, help="Stochastic runs per example (majority vote)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first LIMIT examples."),
     seed: int = typer.Option(1, help="SAP streams of the search (the written model draws OS entropy)."),
+    shard_size: int = typer.Option(32, help="Examples per task of each evaluation."),
+    scheduler: Optional[str] = typer.Option(None, help="Run each evaluation's shards on Dask: local, local:N or "
+                                                       "tcp://HOST:PORT."),
     provider: str = typer.Option("cpu", help="cpu or cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow the output to replace the input file."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
 ) -> None:
     """Choose a SAP ratio per site of MODEL within a clean-accuracy budget and write the hardened model."""
     from .api import tune as tune_api
+    from .distributed import parse_scheduler
     from .metrics import load_data
     from .search import TuneOptions
 
     opts = TuneOptions(budget=budget, mode=mode, min_ratio=min_ratio, max_ratio=max_ratio, evaluations=evaluations,
-                       passes=passes, seed=seed, provider=provider)
+                       passes=passes, seed=seed, shard_size=shard_size, provider=provider)
     opts.validate()
+    if scheduler is not None:
+        parse_scheduler(scheduler)
     x, y = load_data(data, limit)
     with _Progress("tune") as progress:
-        result = tune_api(model, x, y, output, opts, overwrite=overwrite, progress=progress)
+        result = tune_api(model, x, y, output, opts, overwrite=overwrite, progress=progress, scheduler=scheduler)
     if as_json:
         print_json(result.to_dict())
         return

@@ -131,6 +131,8 @@ def open_executor(scheduler: Any) -> Iterator[InProcess | DaskExecutor]:
         with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
             cluster = distributed.LocalCluster(n_workers=where, threads_per_worker=1, processes=True,
                                                host="127.0.0.1", dashboard_address=None,
+                                               # its HTTP routes on a free port: 8787 may be taken
+                                               scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                                                silence_logs=logging.ERROR)
         client = distributed.Client(cluster)
         threads: int | None = max(1, (os.cpu_count() or 1) // where)

@@ -21,11 +21,12 @@ import numpy as np
 import onnx
 
 from .errors import OnnxSapError, OptionError
-from .evaluate import EvaluateOptions, EvaluateProgress, ModelRef, run_shards, prepare, summarize
 from .distributed import InProcess, open_executor, parse_scheduler
+from .evaluate import (EvaluateOptions, EvaluateProgress, ModelRef, Shard, make_shards, prepare, run_shards,
+                       shard_sap_seed, summarize)
 from .metrics import Classifier, expected_calibration_error, score
 from .rewrite import MODES, HardenOptions, harden_model
-from .sap_nodes import is_custom, iter_nodes, set_attributes, with_seed
+from .sap_nodes import is_custom, iter_nodes, set_attributes
 
 
 def _positive_finite(name: str, values: list[float]) -> None:
@@ -220,6 +221,7 @@ class TuneOptions:
     evaluations: int = 24  # clean-accuracy evaluations in all, the first (every site at max_ratio) included
     passes: int = 16
     seed: int = 1  # SAP streams of the search's evaluations (the written model keeps seed 0: OS entropy)
+    shard_size: int = 32  # examples per task of each evaluation (SAP seeds per shard, as in evaluate)
     provider: str = "cpu"
     batch_rows: int = 16384
 
@@ -234,7 +236,7 @@ class TuneOptions:
         if not (math.isfinite(self.max_ratio) and self.max_ratio > self.min_ratio):
             raise OptionError("max_ratio", f"must be finite and above min_ratio ({self.min_ratio}), "
                                            f"got {self.max_ratio}")
-        for name in ("evaluations", "passes", "batch_rows"):
+        for name in ("evaluations", "passes", "shard_size", "batch_rows"):
             if getattr(self, name) < 1:
                 raise OptionError(name, f"must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.seed < 2**53:
@@ -283,9 +285,21 @@ def _stream(node: onnx.NodeProto) -> int:
     return next(a.i for a in node.attribute if a.name == "stream")
 
 
-def _clean(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, opts: TuneOptions) -> dict[str, float]:
-    clf = Classifier(with_seed(model, opts.seed), opts.provider, opts.batch_rows)
-    single, multi, probs = score(clf, x, y, opts.passes)
+def clean_shard(ref: ModelRef, x: np.ndarray, y: np.ndarray, shard: Shard, opts: TuneOptions,
+                threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One task of a tune evaluation: score (single pass, majority, mean probabilities) on one shard,
+    with a fresh session whose SAP seeds derive from the seed and the shard's index."""
+    model = onnx.load_from_string(ref.data)
+    clf = Classifier(model, opts.provider, opts.batch_rows, seed=shard_sap_seed(opts.seed, shard), threads=threads)
+    return score(clf, x, y, opts.passes)
+
+
+def _clean(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, opts: TuneOptions, executor) -> dict[str, float]:
+    shards = make_shards(len(x), opts.shard_size)
+    ref = executor.share(ModelRef.of(model))
+    parts = executor.map(clean_shard, [(ref, x[s.start:s.stop], y[s.start:s.stop], s, opts, executor.threads)
+                                       for s in shards], [str(s) for s in shards], lambda i, r: None)
+    single, multi, probs = (np.concatenate(p) for p in zip(*parts))
     return {"clean_single": float(single.mean()), "clean_multi": float(multi.mean()),
             "ece": expected_calibration_error(probs, y)}
 
@@ -297,24 +311,33 @@ def _allowance(evaluations: int, sites: int) -> list[int]:
 
 
 def tune(original: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: TuneOptions | None = None,
-         progress: EvaluateProgress | None = None) -> TuneResult:
+         progress: EvaluateProgress | None = None, *, scheduler: Any = None) -> TuneResult:
     """Choose a ratio per SAP site (smallest = most pruning) keeping clean majority accuracy on
     (x, y) within options.budget points of the original's; returns the model with those ratios
-    (recorded in metadata_props as onnx_sap.site_ratios). (x, y) should be held out from any attack."""
+    (recorded in metadata_props as onnx_sap.site_ratios). (x, y) should be held out from any attack.
+    Each evaluation runs one task per shard, in process or on Dask (scheduler as for evaluate), with
+    the same result."""
     options = options or TuneOptions()
     options.validate()
+    if scheduler is not None:
+        parse_scheduler(scheduler)
+    with open_executor(scheduler) as executor:
+        return _search(original, x, y, options, progress or EvaluateProgress(), executor)
+
+
+def _search(original: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: TuneOptions,
+            progress: EvaluateProgress, executor) -> TuneResult:
     hardened = harden_model(original, HardenOptions(mode=options.mode))
     # A custom SAP node's stream attribute is its site's index among the plan's selected sites.
     sites = [(n.name, hardened.plan.selected[_stream(n)].m) for _, n in iter_nodes(hardened.model.graph)
              if is_custom(n)]
     order = sorted(range(len(sites)), key=lambda i: (-(sites[i][1] or 0), i))
     base = hardened.model
-    progress = progress or EvaluateProgress()
     progress.begin(options.evaluations, "evaluations")
-    reference = _clean(original, x, y, options)
+    reference = _clean(original, x, y, options, executor)
     target = reference["clean_single"] - options.budget / 100  # the original is deterministic: one pass
     ratios = {name: options.max_ratio for name, _ in sites}
-    first = _clean(_with_ratios(base, ratios), x, y, options)["clean_multi"]
+    first = _clean(_with_ratios(base, ratios), x, y, options, executor)["clean_multi"]
     steps = [TuneStep(None, options.max_ratio, first, first >= target)]
     progress.done(f"every site at ratio {options.max_ratio:g}: {100 * first:.1f}%", 1)
     for i, allowance in zip(order, _allowance(options.evaluations, len(sites))):
@@ -326,7 +349,7 @@ def tune(original: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: TuneO
             trial = lo if step == 0 else float(f"{math.sqrt(lo * hi):.3g}")  # the most pruning first
             if not lo <= trial < hi:
                 break
-            acc = _clean(_with_ratios(base, {**ratios, name: trial}), x, y, options)["clean_multi"]
+            acc = _clean(_with_ratios(base, {**ratios, name: trial}), x, y, options, executor)["clean_multi"]
             steps.append(TuneStep(name, trial, acc, acc >= target))
             progress.done(f"{name} ratio {trial:g}: {100 * acc:.1f}% ({'kept' if acc >= target else 'too low'})", 1)
             if acc >= target:
@@ -342,7 +365,7 @@ def tune(original: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: TuneO
     _set_metadata(model, "onnx_sap.tune", json.dumps({"budget": options.budget, "seed": options.seed,
                                                       "evaluations": len(steps), "examples": int(len(x))}))
     return TuneResult(model, chosen, {sites[i][0]: sites[i][1] for i in order}, steps, reference,
-                      _clean(model, x, y, options), target)
+                      _clean(model, x, y, options, executor), target)
 
 
 def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

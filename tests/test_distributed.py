@@ -15,7 +15,8 @@ import onnx
 import pytest
 
 from onnx_sap.api import harden
-from onnx_sap.errors import OptionError
+from onnx_sap.distributed import DaskExecutor
+from onnx_sap.errors import OnnxSapError, OptionError
 from onnx_sap.evaluate import (EvaluateOptions, EvaluateProgress, ModelRef, evaluate, evaluate_shard, make_shards,
                                prepare)
 from onnx_sap.metrics import load_data
@@ -88,15 +89,19 @@ class KillABusyWorker(EvaluateProgress):
                 os.kill(self.pids[busy[0]], signal.SIGKILL)
 
 
-def test_a_killed_worker_mid_run_still_gives_the_in_process_result(models):
+def test_a_killed_worker_mid_run_still_gives_the_in_process_result_and_a_twice_failed_task_is_named(models):
     original, hardened, _ = models
     x, y = load_data("digits", limit=24)
     opts = EvaluateOptions(**dict(SMALL_OPTS, shard_size=4))
     expected = evaluate(original, hardened, x, y, opts)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
+                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                                   silence_logs=50) as cluster, distributed.Client(cluster) as client:
         killer = KillABusyWorker(client)
         result = evaluate(original, hardened, x, y, opts, killer, scheduler=client)
+        # A task that fails on every try is named in the error (here: a stand-in for a shard's label).
+        with pytest.raises(OnnxSapError, match=r"^shard 7 \(examples 3-5\) failed twice .*ZeroDivisionError"):
+            DaskExecutor(client, None).map(lambda v: 1 // v, [(0,)], ["shard 7 (examples 3-5)"], lambda i, r: None)
     assert killer.killed, "no worker was busy when the first shard finished"
     assert result == expected
 

@@ -22,9 +22,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onnx_sap", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_sweep_over_two_ratios_orders_rows_and_matches_evaluate(tmp_path):
+def test_sweep_over_two_ratios_on_a_local_cluster_orders_rows_and_matches_evaluate_in_process(tmp_path):
     model = str(example_file("digits_cnn.onnx"))
-    res = _cli("sweep", model, "--limit", "24", "--ratio", "0.1,1", "--mode", "multinomial", "--eps", "0.2",
+    res = _cli("sweep", model, "--scheduler", "local:2", "--limit", "24", "--ratio", "0.1,1", "--mode", "multinomial", "--eps", "0.2",
                "--passes", "3", "--transfer-steps", "3", "--spsa-steps", "3", "--shard-size", "12", "--json",
                "--plot", str(tmp_path / "sweep.png"))
     assert res.returncode == 0, res.stderr
@@ -46,12 +46,12 @@ def test_sweep_over_two_ratios_orders_rows_and_matches_evaluate(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
 
-def test_tune_with_a_loose_budget_prunes_and_is_deterministic(tmp_path):
+def test_tune_with_a_loose_budget_prunes_and_gives_the_same_choice_on_a_local_cluster(tmp_path):
     model = example_file("digits_cnn.onnx")
     x, y = load_data("digits")
     out = tmp_path / "tuned.onnx"
     a = tune(model, x, y, out, budget=30.0, evaluations=6, passes=4)
-    b = tune(model, x, y, budget=30.0, evaluations=6, passes=4)
+    b = tune(model, x, y, budget=30.0, evaluations=6, passes=4, scheduler="local:2")  # and on Dask
     assert a.ratios == b.ratios and [s.accuracy for s in a.steps] == [s.accuracy for s in b.steps]
     assert len(a.steps) <= 6 and min(a.ratios.values()) < 1.0
     assert a.tuned["clean_multi"] >= a.target
