@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
@@ -765,6 +766,9 @@ def _report(message: str, code: int) -> None:
 
 def main() -> None:
     """Entry point: user errors become one line and exit code 2, never a traceback."""
+    # onnx warns about what it then fails on (an unknown external-data key before the missing file):
+    # the one-line error says it.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"onnx(\.|$)")
     try:
         rc = app(standalone_mode=False)  # click returns Exit codes here rather than raising them
         sys.exit(rc if isinstance(rc, int) else 0)

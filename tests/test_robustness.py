@@ -82,6 +82,18 @@ def test_external_data_outside_the_model_folder_is_a_user_error(tmp_path):
         harden(tmp_path / "m.onnx")
 
 
+def test_onnx_warnings_do_not_add_lines(tmp_path):
+    """An unknown external-data key made onnx print a UserWarning before the one-line error."""
+    m = dense_with(single("Relu"))
+    w = m.graph.initializer[0]
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    w.external_data.add(key="locatoin", value="w.bin")
+    onnx.save(m, tmp_path / "m.onnx")
+    res = cli("harden", tmp_path / "m.onnx")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
 def test_custom_domain_op_with_a_standard_name_and_no_inputs():
     """An Erf of another domain, with no inputs, where the GELU matcher looks for one."""
     m = dense_with(lambda x: ([helper.make_node("Relu", [x], ["r"], name="relu"),
