@@ -537,8 +537,11 @@ def evaluate(
     if as_json:
         print_json(result)
         return
-    table = Table(title=f"{len(x)} examples from {escape(data)}; robust = survives every attack (majority of {passes} runs)",
-                  title_justify="left")
+    table = LegendTable(f"{len(x)} examples from {escape(data)}; robust = survives every attack (majority of "
+                        f"{passes} runs)",
+                        "clean accuracy: on unperturbed examples, one run or the majority of runs; ECE: expected "
+                        "calibration error (0 = confidence matches accuracy); eps E: ATTACK: accuracy under that "
+                        "L-inf attack of size E; worst case: examples that survive every attack (the headline)")
     table.add_column("")
     for name in ("original", "hardened"):
         table.add_column(name, justify="right")
@@ -555,7 +558,7 @@ def evaluate(
         if "transfer" in cfg.attacks:
             table.add_row(f"eps {key}: ECE under transfer", *(f"{res[n]['ece_under_attack'][key]:.3f}"
                                                              for n in ("original", "hardened")))
-    out.print(table)
+    show(table)
     out.print(f"queries: original {res['original']['queries']:,}, hardened {res['hardened']['queries']:,}"
               + (f"; plot written to {escape(str(plot_path))}" if plot_path else ""))
 
@@ -618,8 +621,12 @@ def sweep(
         print_json(result.to_dict())
         return
     eps_keys = list(result.rows[0].worst)
-    table = Table(title=f"sweep of {escape(str(model))}: {len(x)} examples from {escape(data)}, attacks {escape(attacks)}; best worst case "
-                        f"first (majority of {passes} runs)", title_justify="left")
+    table = LegendTable(f"sweep of {escape(str(model))}: {len(x)} examples from {escape(data)}, attacks "
+                        f"{escape(attacks)}; best worst case first (majority of {passes} runs)",
+                        "configuration: SAP mode, ratio and ensemble size (the original first); clean: accuracy on "
+                        "unperturbed examples, one run or the majority of runs; ECE: expected calibration error; "
+                        "worst eps E: accuracy over examples that survive every attack of size E; latency x: "
+                        "hardened / original median latency, timed side by side")
     for col in ["configuration", "clean 1 pass", f"clean {passes} passes", "ECE",
                 *(f"worst eps {e}" for e in eps_keys), "latency x"]:
         table.add_column(col, justify="left" if col == "configuration" else "right")
@@ -627,7 +634,7 @@ def sweep(
     for row in result.rows:
         table.add_row(row.label, pct(row.clean_single), pct(row.clean_multi), f"{row.ece:.3f}",
                       *(pct(row.worst[e]) for e in eps_keys), f"{row.latency_ratio:.2f}")
-    out.print(table)
+    show(table)
     orig = result.rows[0]
     better = [r.label for r in result.rows[1:] if all(r.worst[e] > orig.worst[e] for e in eps_keys)]
     out.print(("configurations whose worst case beats the original's at every eps: " + ", ".join(better)) if better
@@ -674,15 +681,17 @@ def tune(
     if as_json:
         print_json(result.to_dict())
         return
-    table = Table(title=f"ratio per SAP site (most activations first); target: clean majority accuracy >= "
-                        f"{100 * result.target:.1f}%", title_justify="left")
+    table = LegendTable(f"ratio per SAP site (most activations first); target: clean majority accuracy >= "
+                        f"{100 * result.target:.1f}%",
+                        "activations / example: the site's activation count m; ratio: the chosen SAP ratio "
+                        "(smaller = more pruning); samples r: about ratio x m draws per example")
     for col in ("SAP node", "activations / example", "ratio", "samples r"):
         table.add_column(col, justify="left" if col == "SAP node" else "right")
     for name, ratio_ in result.ratios.items():
         m = result.activations[name]
         table.add_row(escape(name), f"{m:,}" if m else "dynamic", f"{ratio_:g}",
                       f"{max(1, round(ratio_ * m)):,}" if m else "run time")
-    out.print(table)
+    show(table)
     final = Table(title=f"final evaluation on {len(x)} examples from {escape(data)} (the search took {len(result.steps)} "
                         "evaluations)", title_justify="left")
     for col in ("", "original", "tuned"):
