@@ -3,10 +3,10 @@
 Arithmetic is float32 for float32/float16 data (float64 for float64 data), arranged so that the keep
 probability q = -expm1(r * log1p(-p)) stays within 1e-5 of the float64 formula without log1p or
 expm1 ops (see keep_gain). Sums and, in multinomial mode, prefix sums are float64. Random numbers
-come from SplitMix64 (a counter hashed by integer ops) keyed per example by one RandomUniformLike
-draw: ONNX Runtime's RandomUniformLike and Multinomial run one serial generator and cost more than
-the rest of the model. Multinomial draws are r uniforms, each placed by a branchless binary search
-over the prefix sums (the inverse-CDF sampler of SPEC.md without the sorting).
+come from RandomUniformLike (a SplitMix64 hash in integer ops was tried from opset 18 and was slower
+in ONNX Runtime on an idle machine: README, Performance). Multinomial draws are r uniforms, each
+placed by a branchless binary search over the prefix sums (the inverse-CDF sampler of SPEC.md
+without the sorting), not ONNX Runtime's Multinomial, which is serial and was most of the time.
 
 Such a graph cannot reproduce the Philox stream; it is checked statistically. Every node is named
 ``<prefix>#<role>`` (sap_nodes.py owns the scheme) so that `strip` and `inspect` find the region,
@@ -27,11 +27,6 @@ from .sap_nodes import node_name
 
 DOUBLE = onnx.TensorProto.DOUBLE
 FLOAT = onnx.TensorProto.FLOAT
-UINT64 = onnx.TensorProto.UINT64
-# SplitMix64: state_j = key + j * GAMMA, output = fmix(state_j) (Steele, Lea and Flood, 2014).
-GAMMA = 0x9E3779B97F4A7C15
-MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
-SHIFTS = (30, 27, 31)
 
 # What harden --portable warns about. Measured (README, "--portable"): ONNX Runtime seeds each random
 # op without a seed attribute from one process-wide value, so a new session (or a new page in the
@@ -43,7 +38,7 @@ RANDOMNESS_WARNING = ("--portable: runtimes seed random ops once per process, so
                       "session (Python: onnxruntime.set_seed), or use the custom op")
 
 
-def emit_portable_sap(x: gs.Variable, y: gs.Variable, stream: int, options, opset: int, prefix: str,
+def emit_portable_sap(x: gs.Variable, y: gs.Variable, stream: int, options, prefix: str,
                       fresh: Callable[[str], str]) -> list[gs.Node]:
     """Nodes computing y = SAP(x) with standard operators (opset >= 13), in topological order."""
     nodes: list[gs.Node] = []
@@ -89,14 +84,14 @@ def emit_portable_sap(x: gs.Variable, y: gs.Variable, stream: int, options, opse
     g = keep_gain(op, const, op("Mul", "p", [a, inv_s]), half_r, work)
     sub_shape = [int(d) for d in x.shape[axis:]] if static_m is not None else None
     if options.mode == "bernoulli":
-        words = _uniform_words(op, const, a, s, sub_shape, shape, axis, options, stream, opset, work)
+        words = _uniform_words(op, const, a, s, sub_shape, shape, axis, options, stream, work)
         # u < q with u = words / 2^64, as words * (1/q) < 2^64; the bound is one ulp above 2^64 so that
         # q = 1 always keeps (words may round up to 2^64): the check relies on it.
         keep = op("Cast", "keep", [op("Less", "kept", [op("Mul", "u_over_q", [words, g]), const(
             "two64", np.nextafter(work(2.0**64), work(np.inf)))])], {"to": _tensor_type(work)})
     else:
         keep = _multinomial_keep(op, const, a64, shape, axis, static_m,
-                                 sample_count(static_m, options.ratio, options.samples), options, stream, opset, work)
+                                 sample_count(static_m, options.ratio, options.samples), options, stream, work)
     # Products, not Where (which ONNX Runtime runs 50-100 times slower than Mul): 1/q is finite
     # (keep_gain), so dropped elements are exactly 0.
     sap = op("Mul", "x_over_q", [xw, op("Mul", "scale", [g, keep])])
@@ -146,48 +141,25 @@ def _static_m(x: gs.Variable, axis: int) -> int | None:
 
 
 def _uniform_words(op, const, full: gs.Variable | None, per_example: gs.Variable, sub_shape: list[int] | None,
-                   shape: gs.Variable, axis: int, options, stream: int, opset: int, dtype, tag: str = ""
-                   ) -> gs.Variable:
+                   shape: gs.Variable, axis: int, options, stream: int, dtype, tag: str = "") -> gs.Variable:
     """Uniform values on [0, 2^64) of type dtype, shaped [examples..., *sub_shape] like `full` when
-    given (sub_shape None: x's dims from axis on, read at run time).
-
-    From opset 18 (BitwiseXor): SplitMix64 over the element index, keyed per example by one
-    RandomUniformLike draw on per_example (shape [examples..., 1, ...]); with a static sub_shape the
-    counters are constants that the runtime folds when the session is created. Before opset 18:
-    RandomUniformLike itself, one serial generator and several times slower."""
+    given (sub_shape None: x's dims from axis on, read at run time), from RandomUniformLike."""
     attrs = {"high": 2.0**64}
     if options.seed:
         attrs["seed"] = float(options.seed + stream)
     role = "draws" if tag else "u"  # verify tells the modes apart by these roles
-    if sub_shape is not None:
-        dims = const(f"dims{tag}", sub_shape, np.int64)
-    else:
-        dims = op("Slice", f"dims{tag}", [shape, const(f"from{tag}", [axis], np.int64),
-                                          const(f"to{tag}", [2**62], np.int64)])
-    if opset < 18:
-        like = full if full is not None else op("Expand", f"like{tag}", [per_example, dims])
-        return op("RandomUniformLike", role, [like], {**attrs, "dtype": _tensor_type(dtype)})
-    n = const(f"n{tag}", int(np.prod(sub_shape, dtype=np.int64)), np.int64) if sub_shape is not None else \
-        op("ReduceProd", f"n{tag}", [dims], {"keepdims": 0})
-    index = op("Cast", f"index{tag}", [op("Range", f"count{tag}", [const(f"zero_c{tag}", 0, np.int64), n,
-                                                                    const(f"one_c{tag}", 1, np.int64)])],
-               {"to": UINT64})
-    counters = op("Reshape", f"counters{tag}", [op("Mul", f"weyl{tag}", [index, const(f"gamma{tag}", GAMMA,
-                                                                                       np.uint64)]), dims])
-    key = op("Cast", f"key{tag}", [op("RandomUniformLike", role, [per_example], {**attrs, "dtype": DOUBLE})],
-             {"to": UINT64})
-    z = op("Add", f"state{tag}", [counters, key])
-    for i, shift in enumerate(SHIFTS):
-        z = op("BitwiseXor", f"xor{i}{tag}", [z, op("BitShift", f"shift{i}{tag}",
-                                                     [z, const(f"s{i}{tag}", shift, np.uint64)],
-                                                     {"direction": "RIGHT"})])
-        if i < len(MIX):
-            z = op("Mul", f"mix{i}{tag}", [z, const(f"c{i}{tag}", MIX[i], np.uint64)])
-    return op("Cast", f"uniform{tag}", [z], {"to": _tensor_type(dtype)})
+    if full is None:
+        if sub_shape is not None:
+            dims = const(f"dims{tag}", sub_shape, np.int64)
+        else:
+            dims = op("Slice", f"dims{tag}", [shape, const(f"from{tag}", [axis], np.int64),
+                                              const(f"to{tag}", [2**62], np.int64)])
+        full = op("Expand", f"like{tag}", [per_example, dims])
+    return op("RandomUniformLike", role, [full], {**attrs, "dtype": _tensor_type(dtype)})
 
 
 def _multinomial_keep(op, const, a64: gs.Variable, shape: gs.Variable, axis: int, m: int, r: int, options,
-                      stream: int, opset: int, work) -> gs.Variable:
+                      stream: int, work) -> gs.Variable:
     """keep mask (0 or 1, of type work) from r draws with replacement: draw k lands on the smallest j
     with C_j > T_k, where C is the float64 prefix sum of a and T_k = u_k * C_{m-1}; a branchless
     binary search over C padded with +Inf to 2^levels entries finds it in `levels` rounds of gather
@@ -199,7 +171,7 @@ def _multinomial_keep(op, const, a64: gs.Variable, shape: gs.Variable, axis: int
                                   const("cols", [1], np.int64)])  # [examples, 1]
     padded = op("Pad", "padded", [c, const("pads", [0, 0, 0, 2**levels - m], np.int64),
                                   const("pad_inf", np.inf, np.float64)])
-    words = _uniform_words(op, const, None, total, [r], shape, 1, options, stream, opset, np.float64, tag="_d")
+    words = _uniform_words(op, const, None, total, [r], shape, 1, options, stream, np.float64, tag="_d")
     targets = op("Mul", "targets", [words, op("Mul", "t_scale", [total, const("two_m64", 2.0**-64, np.float64)])])
     # below = index of the last C_j <= T (-1: none), narrowed one bit per round; arithmetic rather
     # than Where, which ONNX Runtime runs 50-100 times slower.

@@ -220,12 +220,11 @@ def _detach_output(graph: gs.Graph, out: gs.Variable, names: _Names, suffix: str
     return pre, next(i for i, n in enumerate(graph.nodes) if n is node)
 
 
-def _insert_sap(graph: gs.Graph, match: Match, stream: int, options: HardenOptions, opset: int,
-                names: _Names) -> None:
+def _insert_sap(graph: gs.Graph, match: Match, stream: int, options: HardenOptions, names: _Names) -> None:
     out = match.output
     pre, at = _detach_output(graph, out, names, "__pre_sap")
     if options.portable:
-        nodes = emit_portable_sap(pre, out, stream, options, opset, region_name(PORTABLE, stream), names.fresh)
+        nodes = emit_portable_sap(pre, out, stream, options, region_name(PORTABLE, stream), names.fresh)
     else:
         nodes = [gs.Node(OP_TYPE, name=region_name(CUSTOM, stream), domain=DOMAIN, inputs=[pre], outputs=[out],
                          attrs={"mode": options.mode, "ratio": float(options.ratio), "samples": int(options.samples),
@@ -510,7 +509,7 @@ def harden_model(model: onnx.ModelProto, options: HardenOptions | None = None) -
         if options.portable and options.mode == "multinomial" and site.m is None:
             raise OnnxSapError(f"--portable multinomial needs a static activation size, and site {site.nodes[-1]!r} "
                                f"has shape {site.shape}; use --mode bernoulli")
-        _insert_sap(g, match, stream, options, opset, names)
+        _insert_sap(g, match, stream, options, names)
     if options.ensemble > 1:
         _add_ensemble(graph, options.ensemble, options.ensemble_reduce, opset, names)
     provenance = {"version": __version__, "options": json.dumps(asdict(options), default=list),

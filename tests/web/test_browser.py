@@ -36,8 +36,7 @@ STOCHASTIC = {  # model name -> (harden options, runs per side for the accuracy 
     "bernoulli": ({"portable": True, "mode": "bernoulli"}, 10, 17),
     "multinomial": ({"portable": True, "mode": "multinomial"}, 10, 17),
     "ensemble": ({"portable": True, "mode": "multinomial", "ensemble": 4}, 4, 17),  # 4 passes per run
-    # From opset 18 the portable form draws its uniforms with SplitMix64 in uint64 integer ops
-    # (BitShift, BitwiseXor, Mul): the browser's wasm kernels must run those too.
+    # Opset 18, where several Reduce ops take their axes as an input: the form must run there too.
     "bernoulli-opset18": ({"portable": True, "mode": "bernoulli"}, 10, 18),
     "multinomial-opset18": ({"portable": True, "mode": "multinomial"}, 10, 18),
 }
