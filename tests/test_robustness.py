@@ -71,25 +71,26 @@ def test_invalid_inputs_are_named_as_such_not_blamed_on_the_rewriter():
     invalid(onnx.load_from_string(data), "not valid UTF-8")
 
 
-def test_external_data_outside_the_model_folder_is_a_user_error(tmp_path):
+def _save_with_external_ref(path, key: str, value: str):
+    """A dense+Relu model whose first initializer points at external data through (key, value)."""
     m = dense_with(single("Relu"))
     w = m.graph.initializer[0]
     w.ClearField("raw_data")
     w.data_location = TensorProto.EXTERNAL
-    w.external_data.add(key="location", value="../elsewhere.bin")
-    onnx.save(m, tmp_path / "m.onnx")
+    w.external_data.add(key=key, value=value)
+    onnx.save(m, path)
+    return path
+
+
+def test_external_data_outside_the_model_folder_is_a_user_error(tmp_path):
+    _save_with_external_ref(tmp_path / "m.onnx", "location", "../elsewhere.bin")
     with pytest.raises(OnnxSapError, match="external data could not be read"):
         harden(tmp_path / "m.onnx")
 
 
 def test_onnx_warnings_do_not_add_lines(tmp_path):
     """An unknown external-data key made onnx print a UserWarning before the one-line error."""
-    m = dense_with(single("Relu"))
-    w = m.graph.initializer[0]
-    w.ClearField("raw_data")
-    w.data_location = TensorProto.EXTERNAL
-    w.external_data.add(key="locatoin", value="w.bin")
-    onnx.save(m, tmp_path / "m.onnx")
+    _save_with_external_ref(tmp_path / "m.onnx", "locatoin", "w.bin")
     res = cli("harden", tmp_path / "m.onnx")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
