@@ -179,26 +179,27 @@ SAP_HD void store_run(Half* y, int len, const float* v) {
   for (; i < len; ++i) y[i].bits = double_to_half_bits(v[i]);
 }
 
-// Bernoulli mode on elements [begin, end) of one example (begin a multiple of kBlock), float32 math.
-template <typename T>
-void bernoulli_range_f32(const T* x, T* y, int64_t begin, int64_t end, double sum, double r, const StreamKey& key,
-                         uint32_t n) {
-  const double inv_sum_d = 1.0 / sum, rs_d = r / sum;
-  if (!(inv_sum_d > 1e-30 && inv_sum_d < 1e30 && rs_d > 1e-30 && rs_d < 1e30)) {
-    bernoulli_range(x, y, begin, end, sum, r, key, n);  // S or r / S beyond float32's comfort
-    return;
+// float32 keep probabilities q = -expm1(r * log1p(-p)), p = a / S, shared by both modes. The error
+// budget is the header comment's; blocks it cannot serve are flagged `wide` for the float64 path.
+struct KeepF32 {
+  float inv_sum;    // 1 / S
+  float rs, rs_lo;  // r / S as a pair of floats (rs + rs_lo), so that a * r / S rounds once, not twice
+
+  // false when S or r / S is beyond float32's comfort: the caller then takes the float64 path.
+  bool init(double sum, double r) {
+    const double inv_sum_d = 1.0 / sum, rs_d = r / sum;
+    if (!(inv_sum_d > 1e-30 && inv_sum_d < 1e30 && rs_d > 1e-30 && rs_d < 1e30)) return false;
+    inv_sum = static_cast<float>(inv_sum_d);
+    rs = static_cast<float>(rs_d);
+    rs_lo = static_cast<float>(rs_d - static_cast<double>(rs));
+    return true;
   }
-  const float inv_sum = static_cast<float>(inv_sum_d);
-  // r / S as a pair of floats (rs_hi + rs_lo), so that a * r / S rounds once, not twice.
-  const float rs = static_cast<float>(rs_d), rs_lo = static_cast<float>(rs_d - static_cast<double>(rs));
-  const float top = static_cast<float>(max_finite(static_cast<const T*>(nullptr)));
-  for (int64_t b = begin; b < end; b += kBlock) {
-    const int len = end - b < kBlock ? static_cast<int>(end - b) : kBlock;
-    alignas(64) float xs[kBlock], q[kBlock], v[kBlock];
-    alignas(64) uint32_t w[kBlock];
-    load_run(x + b, len, xs);
-    // q first, with per-lane flags (int lanes, OR-ed after the loop, so that the loop vectorizes):
-    // whether any element is non-zero, and whether any needs the float64 path.
+
+  // q of kBlock elements xs (zero past the run's end: q = 0 there). Per-lane flags (int lanes, OR-ed
+  // after the loop, so that the loop vectorizes): whether any element is non-zero (returned), and in
+  // `wide` whether any needs the float64 path (some p >= 1/256, where the series is not enough, or
+  // a * r / S near float32's underflow).
+  SAP_HD bool run(const float* xs, float* q, bool& wide) const {
     constexpr int kL = 16;
     int lane_nonzero[kL] = {}, lane_wide[kL] = {};
     for (int j = 0; j < kBlock; j += kL) {
@@ -209,17 +210,38 @@ void bernoulli_range_f32(const T* x, T* y, int64_t begin, int64_t end, double su
         const float t = t_hi + __builtin_fmaf(a, rs_lo, __builtin_fmaf(a, rs, -t_hi));
         // r * -log1p(-p) = t (1 + p/2 + p^2/3 + p^3/4 + ...), p < 1/256: later terms are below 2^-32.
         const float z = __builtin_fmaf(t, p * __builtin_fmaf(p, __builtin_fmaf(p, 0.25f, 1.0f / 3), 0.5f), t);
-        q[j + l] = neg_expm1f(z);  // 0 where a = 0: never kept, since u > 0
+        q[j + l] = neg_expm1f(z);  // 0 where a = 0
         lane_nonzero[l] |= a > 0.0f;
         lane_wide[l] |= (p >= static_cast<float>(fast::kSeriesMaxP)) | ((a > 0.0f) & (t < 1e-30f));
       }
     }
-    int nonzero = 0, wide = 0;
+    int nonzero = 0, any_wide = 0;
     for (int l = 0; l < kL; ++l) {
       nonzero |= lane_nonzero[l];
-      wide |= lane_wide[l];
+      any_wide |= lane_wide[l];
     }
-    if (!nonzero) {  // nothing to keep: skip the generator (zero skipping)
+    wide = any_wide != 0;
+    return nonzero != 0;
+  }
+};
+
+// Bernoulli mode on elements [begin, end) of one example (begin a multiple of kBlock), float32 math.
+template <typename T>
+void bernoulli_range_f32(const T* x, T* y, int64_t begin, int64_t end, double sum, double r, const StreamKey& key,
+                         uint32_t n) {
+  KeepF32 keep;
+  if (!keep.init(sum, r)) {
+    bernoulli_range(x, y, begin, end, sum, r, key, n);  // S or r / S beyond float32's comfort
+    return;
+  }
+  const float top = static_cast<float>(max_finite(static_cast<const T*>(nullptr)));
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int len = end - b < kBlock ? static_cast<int>(end - b) : kBlock;
+    alignas(64) float xs[kBlock], q[kBlock], v[kBlock];
+    alignas(64) uint32_t w[kBlock];
+    load_run(x + b, len, xs);
+    bool wide;
+    if (!keep.run(xs, q, wide)) {  // nothing to keep: skip the generator (zero skipping)
       for (int i = 0; i < kBlock; ++i) v[i] = 0.0f;
       store_run(y + b, len, v);
       continue;
