@@ -29,20 +29,22 @@ class CheckReport:
 MAX_FEED_BYTES = 256 << 20
 
 
-def random_feeds(session, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+def random_feeds(session, batch: int = 2, seed: int = 0, *, user: str = "the check",
+                 fix: str = "pass --no-check to skip the check") -> dict[str, np.ndarray]:
     """Random inputs for a session: dynamic dims become `batch` (first) or 8 (others); an input over
-    MAX_FEED_BYTES is refused."""
+    MAX_FEED_BYTES, or of a type with no random data, is refused in one line naming `user` (the
+    command feeding it) and `fix` (what its caller can do instead)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in session.get_inputs():
         shape = [d if isinstance(d, int) and d >= 0 else (batch if i == 0 else 8) for i, d in enumerate(inp.shape)]
         dtype = NUMPY_TYPES.get(inp.type)
         if dtype is None:
-            raise OnnxSapError(f"input {inp.name!r} has type {inp.type}, which the check cannot feed; pass --no-check")
+            raise OnnxSapError(f"input {inp.name!r} has type {inp.type}, which {user} cannot feed; {fix}")
         size = np.dtype(dtype).itemsize * float(np.prod(shape, dtype=np.float64))
         if size > MAX_FEED_BYTES:
             raise OnnxSapError(f"input {inp.name!r} has shape {shape}: {size / 2**20:,.0f} MiB of random data, over "
-                               f"the check's {MAX_FEED_BYTES >> 20} MiB; pass --no-check to skip the check")
+                               f"the {MAX_FEED_BYTES >> 20} MiB {user} feeds at most; {fix}")
         if np.dtype(dtype).kind == "f":
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         else:

@@ -212,7 +212,8 @@ def verify(model: onnx.ModelProto | str | Path, options: VerifyOptions | None = 
         finally:
             tapped.unlink(missing_ok=True)
     progress(f"loaded a seeded copy tapping {len(custom) + len(portable)} SAP nodes in ONNX Runtime ({provider})")
-    feeds = feeds if feeds is not None else random_feeds(sess, batch=4, seed=seed)
+    feeds = feeds if feeds is not None else random_feeds(
+        sess, batch=4, seed=seed, user="verify", fix="pass feeds= of your own to onnx_sap.verify (Python API)")
     names = list(dict.fromkeys(taps))  # only the tapped tensors: the model's own outputs may be maps
     captured: dict[str, list[np.ndarray]] = {t: [] for t in taps}
     for call in range(runs_needed):

@@ -108,7 +108,14 @@ def test_custom_domain_op_with_a_standard_name_and_no_inputs():
 def test_check_refuses_huge_random_inputs():
     with pytest.raises(OnnxSapError, match="input 'x' has shape .* pass --no-check"):
         harden(cnn(batch=2**31))
-    assert harden(cnn(batch=2**31), check=False).model is not None
+    hardened = harden(cnn(batch=2**31), check=False).model
+    # verify and bench feed random data too, but have no --no-check: their message names their own way out.
+    with pytest.raises(OnnxSapError, match="input 'x' has shape .* verify feeds at most; pass feeds= ") as e:
+        verify(hardened)
+    assert "--no-check" not in str(e.value)
+    with pytest.raises(OnnxSapError, match="input 'x' has shape .* bench feeds at most; pass a smaller --batch") as e:
+        bench(cnn(batch=2**31), hardened, rounds=1)
+    assert "--no-check" not in str(e.value)
 
 
 def test_bfloat16_sites_and_outputs_are_refused_clearly():
