@@ -322,8 +322,11 @@ def inspect(
             table.add_row(escape(e["graph"]), escape(e["node"]), e["form"],
                           escape(", ".join(f"{k}={v}" for k, v in e["attributes"].items())))
         show(table)
-    else:
+    elif any(s.selected for s in report.sites):
         out.print(Text(f"no SAP nodes present. Harden with: onnx-sap harden {model}"), soft_wrap=True)
+    else:  # harden would refuse this model: suggesting it would send the user into that error
+        out.print("no SAP nodes present, and no activation site harden would rewrite"
+                  + (" (the SAP column says why)" if report.sites else ""))
 
 
 @app.command(epilog=examples("onnx-sap strip model.sap.onnx          # writes model.sap.stripped.onnx",

@@ -1,6 +1,8 @@
 """harden / strip / inspect on models built in code, each hardened model run in ONNX Runtime."""
 
 import hashlib
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -58,6 +60,20 @@ def test_clamps_passing_negative_values_are_listed_with_the_reason_and_never_har
     assert site.kind == "clip" and not site.selected and "lower bound -1 < 0" in site.reason
     with pytest.raises(OnnxSapError, match="all 1 activation sites are excluded .*lower bound -1 < 0"):
         harden(m)
+
+
+def test_inspect_suggests_harden_only_where_harden_has_a_site_to_rewrite(tmp_path):
+    excluded, hardenable = tmp_path / "clip.onnx", tmp_path / "relu.onnx"
+    onnx.save(dense_with(NOT_ACTIVATIONS["clip_symmetric"]), str(excluded))
+    onnx.save(dense_with(ACTIVATIONS["relu"][1]), str(hardenable))
+    cli = lambda path: subprocess.run([sys.executable, "-m", "onnx_sap", "inspect", str(path)],  # noqa: E731
+                                      capture_output=True, text=True, timeout=120)
+    res = cli(excluded)
+    text = " ".join(res.stdout.split())  # Rich wraps at the terminal's width
+    assert res.returncode == 0, res.stderr
+    assert "Harden with:" not in text and "no activation site harden would rewrite (the SAP column says why)" in text
+    res = cli(hardenable)
+    assert res.returncode == 0 and "Harden with: onnx-sap harden" in " ".join(res.stdout.split())
 
 
 @pytest.mark.parametrize("name", sorted(SPECIAL))
