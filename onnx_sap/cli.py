@@ -687,13 +687,12 @@ def tune(
     table = LegendTable(f"ratio per SAP site (most activations first); target: clean majority accuracy >= "
                         f"{100 * result.target:.1f}%",
                         "activations / example: the site's activation count m; ratio: the chosen SAP ratio "
-                        "(smaller = more pruning); samples r: about ratio x m draws per example")
+                        "(smaller = more pruning); samples r: floor(ratio x m) draws per example")
     for col in ("SAP node", "activations / example", "ratio", "samples r"):
         table.add_column(col, justify="left" if col == "SAP node" else "right")
     for name, ratio_ in result.ratios.items():
-        m = result.activations[name]
-        table.add_row(escape(name), f"{m:,}" if m else "dynamic", f"{ratio_:g}",
-                      f"{max(1, round(ratio_ * m)):,}" if m else "run time")
+        m, r = result.activations[name], result.samples[name]
+        table.add_row(escape(name), f"{m:,}" if m else "dynamic", f"{ratio_:g}", f"{r:,}" if r else "run time")
     show(table)
     final = Table(title=f"final evaluation on {len(x)} examples from {escape(data)} (the search took {len(result.steps)} "
                         "evaluations)", title_justify="left")

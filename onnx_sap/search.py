@@ -25,6 +25,7 @@ from .distributed import InProcess, open_executor, parse_scheduler
 from .evaluate import (EvaluateOptions, EvaluateProgress, ModelRef, Shard, make_shards, prepare, run_shards,
                        shard_sap_seed, summarize)
 from .metrics import Classifier, expected_calibration_error, score
+from .reference import sample_count
 from .rewrite import MODES, HardenOptions, harden_model
 from .sap_nodes import is_custom, iter_nodes, set_attributes
 
@@ -266,8 +267,16 @@ class TuneResult:
     target: float  # the lowest acceptable clean majority accuracy
     output: Path | None = None
 
+    @property
+    def samples(self) -> dict[str, int | None]:
+        """SAP node -> the samples r its ratio gives per example (None where m is known only at run time),
+        as the operator computes it: floor(ratio * m), at least 1."""
+        return {name: sample_count(m, ratio) if m else None
+                for name, ratio in self.ratios.items() for m in [self.activations[name]]}
+
     def to_dict(self) -> dict:
-        return {"ratios": self.ratios, "activations": self.activations, "steps": [asdict(s) for s in self.steps],
+        return {"ratios": self.ratios, "activations": self.activations, "samples": self.samples,
+                "steps": [asdict(s) for s in self.steps],
                 "original": self.original, "tuned": self.tuned, "target": self.target,
                 "output": str(self.output) if self.output else None}
 

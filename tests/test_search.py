@@ -78,3 +78,29 @@ def test_bad_sweep_and_tune_input_is_refused_before_any_work(tmp_path):
     assert res.returncode == 2 and "--ratio must be" in res.stderr and "Traceback" not in res.stderr, res.stderr
     res = _cli("tune", missing, "--budget", "-0.5")
     assert res.returncode == 2 and "--budget must be" in res.stderr, res.stderr
+
+
+def test_tune_table_and_json_give_the_samples_the_operator_draws_floor_not_round(tmp_path, monkeypatch):
+    """ratio 0.5 of m = 3 activations is r = floor(1.5) = 1 in the operator (SPEC.md), not round(1.5) = 2."""
+    from typer.testing import CliRunner
+
+    import onnx_sap.api
+    import onnx_sap.metrics
+    from onnx_sap.cli import app
+    from onnx_sap.search import TuneResult, TuneStep
+
+    result = TuneResult(model=onnx.ModelProto(), ratios={"sap_a": 0.5, "sap_b": 0.3, "sap_c": 1.0},
+                        activations={"sap_a": 3, "sap_b": 10, "sap_c": None},
+                        steps=[TuneStep(None, 1.0, 0.9, True)], original={"clean_single": 0.9, "clean_multi": 0.9,
+                                                                         "ece": 0.1},
+                        tuned={"clean_single": 0.9, "clean_multi": 0.9, "ece": 0.1}, target=0.89,
+                        output=tmp_path / "t.onnx")
+    assert result.samples == {"sap_a": 1, "sap_b": 3, "sap_c": None}
+    assert result.to_dict()["samples"] == result.samples
+    monkeypatch.setattr(onnx_sap.api, "tune", lambda *a, **k: result)
+    monkeypatch.setattr(onnx_sap.metrics, "load_data", lambda data, limit: ([0], [0]))
+    res = CliRunner().invoke(app, ["tune", str(example_file("digits_cnn.onnx")), "-o", str(tmp_path / "t.onnx"),
+                                   "--data", "digits"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if "sap_a" in line)
+    assert row.replace("│", " ").split()[-1] == "1", row
