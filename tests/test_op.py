@@ -104,6 +104,31 @@ def test_huge_and_tiny_r_match_reference_at_every_level(r_attrs, dtype, isa):
     assert_matches_reference(y, x, call=0, **attrs)
 
 
+@pytest.mark.parametrize("r_attrs", [{"samples": 1}, {"samples": 3}, {"ratio": 0.001}, {"ratio": 20.0}])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_multinomial_few_and_many_samples_match_reference_at_every_level(r_attrs, dtype, isa):
+    # Three element chunks per example: with r << m most chunks and runs own no sample; with r = 20 m
+    # each run of elements takes several blocks of sample positions.
+    attrs = dict(mode="multinomial", seed=33, stream=4, **r_attrs)
+    x = _input((2, 2 * 16384 + 1000), dtype, 4)
+    sess = make_session(sap_model(dtype, **attrs))
+    for call in range(2):
+        y = _run(sess, x, isa)
+        assert_matches_reference(y, x, call=call, **attrs)
+
+
+@pytest.mark.parametrize("scale", [1e-41, 1e-30, 3e35])
+def test_multinomial_float32_extreme_sums_match_reference_at_every_level(scale, isa):
+    # S subnormal, tiny or huge: 1 / S or r / S leaves float32's range, so the SIMD levels must take
+    # their float64 code for such examples (and only for them: row 1 is ordinary).
+    x = _input((2, 3000), np.float32, 6)
+    x[0] = (np.abs(x[0]) * scale).astype(np.float32)
+    attrs = dict(mode="multinomial", seed=34)
+    y = _run(make_session(sap_model(**attrs)), x, isa)
+    assert (y[0] != 0).any() and np.all(np.isfinite(y))
+    assert_matches_reference(y, x, call=0, **attrs)
+
+
 def test_default_level_is_the_best_this_cpu_has(monkeypatch):
     monkeypatch.delenv("ONNX_SAP_ISA", raising=False)
     make_session(sap_model(seed=1)).run(None, {"x": np.ones((1, 8), np.float32)})

@@ -153,6 +153,20 @@ struct Float32Variates {
       e[i] = static_cast<double>(neg_logf(__builtin_fmaf(static_cast<float>(w[i]), 2.3283064e-10f, 1.1641532e-10f)));
     }
   }
+  // The variate chunk sums in eight float64 lanes (a single running sum is a latency chain).
+  SAP_HD static double sum(const StreamKey& key, uint64_t begin, uint64_t end, uint32_t n) {
+    double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (uint64_t b = begin; b < end; b += kBlock) {
+      alignas(64) double e[kBlock];
+      run(key, b >> 2, n, e);
+      const int len = end - b < static_cast<uint64_t>(kBlock) ? static_cast<int>(end - b) : kBlock;
+      for (int i = len; i < kBlock; ++i) e[i] = 0.0;
+      for (int i = 0; i < kBlock; i += 8) {
+        for (int l = 0; l < 8; ++l) lanes[l] += e[i + l];
+      }
+    }
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  }
 };
 
 // Loads and stores of a run of len <= kBlock elements as float32; the rest of the run is zero.
@@ -261,6 +275,234 @@ void bernoulli_range_f32(const T* x, T* y, int64_t begin, int64_t end, double su
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Multinomial mode for float32/float16 data. Per run of kBlock elements: the prefix sums C (float64,
+// a log-step scan per vector), the samples whose positions fall below the run's last C (a count of
+// the sorted positions, a vector at a time), each sample's element by two vector compares and
+// popcounts (the groups' last bounds, then one group's eight bounds), then KeepF32's q and y. Sample
+// positions come a block of kBlock at a time: float32 variates, their float64 running sums G (the
+// same scan) from the variate chunk table, T_k * S. Every quantity is a fixed function of the stream
+// position or element index, not of the chunking, so each sample is seen by the chunk that owns it.
+
+#if defined(__AVX512F__)
+// out[i] = carry + in[0] + ... + in[i] for i < kBlock, returned out[kBlock - 1]. Each vector is scanned
+// in log steps on its own; only the vectors' carries form a chain (one add per 8 elements, not one
+// per element). The rounding differs from a sequential sum's by ulps: out[] may dip by an ulp where
+// in[i] = 0, which moves only decisions inside SPEC.md's 1e-5 band (the callers stay in bounds).
+SAP_HD double prefix_sums(const double* in, double carry, double* out) {
+  constexpr int V = kBlock / 8;
+  const __m512i zero = _mm512_setzero_si512();
+  __m512d s[V];
+  for (int v = 0; v < V; ++v) {
+    __m512d x = _mm512_loadu_pd(in + 8 * v);
+    x = _mm512_add_pd(x, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(x), zero, 7)));
+    x = _mm512_add_pd(x, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(x), zero, 6)));
+    s[v] = _mm512_add_pd(x, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(x), zero, 4)));
+  }
+  for (int v = 0; v < V; ++v) {
+    const __m512d o = _mm512_add_pd(s[v], _mm512_set1_pd(carry));
+    _mm512_storeu_pd(out + 8 * v, o);
+    carry = out[8 * v + 7];
+  }
+  return carry;
+}
+// How many of the 8 doubles at v are <= p.
+SAP_HD int count_le8(const double* v, double p) {
+  return __builtin_popcount(_mm512_cmp_pd_mask(_mm512_loadu_pd(v), _mm512_set1_pd(p), _CMP_LE_OQ));
+}
+// How many of the kBlock doubles at v are < p.
+SAP_HD int count_lt_block(const double* v, double p) {
+  const __m512d pp = _mm512_set1_pd(p);
+  int n = 0;
+  for (int i = 0; i < kBlock; i += 8) n += __builtin_popcount(_mm512_cmp_pd_mask(_mm512_loadu_pd(v + i), pp, _CMP_LT_OQ));
+  return n;
+}
+#else
+SAP_HD double prefix_sums(const double* in, double carry, double* out) {
+  constexpr int V = kBlock / 4;
+  const __m256d zero = _mm256_setzero_pd();
+  __m256d s[V];
+  for (int v = 0; v < V; ++v) {
+    __m256d x = _mm256_loadu_pd(in + 4 * v);
+    x = _mm256_add_pd(x, _mm256_blend_pd(_mm256_permute4x64_pd(x, 0x90), zero, 1));  // (0, x0, x1, x2)
+    s[v] = _mm256_add_pd(x, _mm256_permute2f128_pd(x, x, 0x08));                     // + (0, 0, x0, x1)
+  }
+  for (int v = 0; v < V; ++v) {
+    const __m256d o = _mm256_add_pd(s[v], _mm256_set1_pd(carry));
+    _mm256_storeu_pd(out + 4 * v, o);
+    carry = out[4 * v + 3];
+  }
+  return carry;
+}
+SAP_HD int count_le8(const double* v, double p) {
+  const __m256d pp = _mm256_set1_pd(p);
+  const int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(v), pp, _CMP_LE_OQ));
+  const int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(v + 4), pp, _CMP_LE_OQ));
+  return __builtin_popcount(static_cast<unsigned>(lo | hi << 4));
+}
+SAP_HD int count_lt_block(const double* v, double p) {
+  const __m256d pp = _mm256_set1_pd(p);
+  int n = 0;
+  for (int i = 0; i < kBlock; i += 4) n += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(v + i), pp, _CMP_LT_OQ))));
+  return n;
+}
+#endif
+static_assert(kGroup == 8 && kGroups == 8, "the sample search compares 8 bounds at a time");
+
+// The loaded block of kBlock sample positions (variates base .. base + kBlock - 1).
+struct SampleBlock {
+  const double* g_before;  // g_before[d] = sum of E over variate chunks < d
+  int64_t var_chunk;       // variates per chunk, a multiple of kBlock
+  int64_t var_chunks;
+  double inv_total;        // 1 / G_r
+  double sum;              // S
+  uint64_t r;
+  const StreamKey* key;
+  uint32_t n;
+  uint64_t base = 0;
+  double g_last = 0;
+  alignas(64) double pos[kBlock];
+
+  // Loads the block from variate b (a multiple of kBlock), given G before b.
+  SAP_HD void load(uint64_t b, double g_prev) {
+    alignas(64) double e[kBlock];
+    Float32Variates::run(*key, b >> 2, n, e);
+    g_last = prefix_sums(e, g_prev, pos);
+    for (int i = 0; i < kBlock; ++i) pos[i] = (pos[i] * inv_total) * sum;  // T_k * S, as SampleCursor
+    base = b;
+  }
+  // The next block; callers only ask while it holds samples (base + kBlock < r), so that the table
+  // index stays below var_chunks.
+  SAP_HD void next() {
+    const uint64_t b = base + kBlock, c = static_cast<uint64_t>(var_chunk);
+    load(b, b % c == 0 ? g_before[b / c] : g_last);
+  }
+  // Loads the block of the first sample whose position is >= bound and returns it (r if none, then
+  // the loaded block is unspecified). The chunk table narrows the search to one variate chunk.
+  SAP_HD uint64_t seek(double bound) {
+    int64_t lo = 0, hi = var_chunks - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if ((g_before[mid] * inv_total) * sum < bound) lo = mid; else hi = mid - 1;
+    }
+    load(static_cast<uint64_t>(lo * var_chunk), g_before[lo]);
+    for (;;) {
+      const int below = count_lt_block(pos, bound);
+      if (below < kBlock) return base + below < r ? base + below : r;
+      if (base + kBlock >= r) return r;
+      next();
+    }
+  }
+};
+
+// Multinomial mode on elements [begin, end) of one example (begin a multiple of kBlock), whose C runs
+// from c_begin to c_end; the last chunk of an example also takes the samples past its last bound.
+template <typename T>
+void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double c_begin, double c_end,
+                           bool last_chunk, SampleBlock& sb, const KeepF32& keep, double r) {
+  const uint64_t r_count = sb.r;
+  uint64_t k = sb.seek(c_begin);
+  if (k >= r_count || (!last_chunk && sb.pos[k - sb.base] >= c_end)) {  // this chunk owns no samples
+    memset(static_cast<void*>(y + begin), 0, static_cast<size_t>(end - begin) * sizeof(T));
+    return;
+  }
+  const float top = static_cast<float>(max_finite(static_cast<const T*>(nullptr)));
+  double c = c_begin;
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int len = end - b < kBlock ? static_cast<int>(end - b) : kBlock;
+    alignas(64) float xs[kBlock], q[kBlock], v[kBlock];
+    alignas(64) double a[kBlock], bound[kBlock + kGroup];
+    alignas(64) uint32_t hit[kBlock + kGroup];
+    load_run(x + b, len, xs);
+    for (int i = 0; i < kBlock; ++i) a[i] = fabs(static_cast<double>(xs[i]));
+    c = prefix_sums(a, c, bound);
+    const double c_last = bound[len - 1];
+    for (int i = len; i < kBlock + kGroup; ++i) bound[i] = INFINITY;
+    for (int i = 0; i < kBlock + kGroup; ++i) hit[i] = 0;
+    alignas(64) double tops[kGroups];
+    for (int g = 0; g < kGroups; ++g) tops[g] = bound[g * kGroup + kGroup - 1];
+    bool any = false;
+    // Invariant: k < r_count and k - sb.base < kBlock, or k >= r_count.
+    while (k < r_count) {
+      const int t0 = static_cast<int>(k - sb.base);
+      const uint64_t left = r_count - sb.base;
+      const int below = count_lt_block(sb.pos, c_last);
+      const int t1 = left < static_cast<uint64_t>(below) ? static_cast<int>(left) : below;
+      for (int t = t0; t < t1; ++t) {
+        // Sample t's element: the number of bounds <= its position. The group count is capped at the
+        // last group, so that an ulp dip of the scans (see prefix_sums) cannot index past hit[].
+        const double pt = sb.pos[t];
+        int g = count_le8(tops, pt);
+        g = g < kGroups - 1 ? g : kGroups - 1;
+        hit[g * kGroup + count_le8(bound + g * kGroup, pt)] = 1;
+      }
+      if (t1 > t0) {
+        any = true;
+        k = sb.base + static_cast<uint64_t>(t1);
+      }
+      if (t1 == kBlock && sb.base + kBlock < r_count) {
+        sb.next();
+        continue;
+      }
+      break;
+    }
+    if (!any) {  // no sample landed in this run: zeros, no q
+      for (int i = 0; i < kBlock; ++i) v[i] = 0.0f;
+      store_run(y + b, len, v);
+      continue;
+    }
+    bool wide;
+    keep.run(xs, q, wide);
+    if (wide) {  // some p >= 1/256 (or an underflowing a * r / S): float64 q for this run
+      double q64[kBlock];
+      keep_probabilities<T>(a, len, sb.sum, r, q64);
+      for (int i = 0; i < len; ++i) {
+        const double kept = saturate<T>(static_cast<double>(xs[i]) / (q64[i] > 0.0 ? q64[i] : 1.0));
+        store(y, b + i, hit[i] ? kept : 0.0);
+      }
+      continue;
+    }
+    for (int i = 0; i < kBlock; ++i) {
+      float kept = xs[i] / (q[i] > 0.0f ? q[i] : 1.0f);
+      kept = kept > top ? top : kept < -top ? -top : kept;  // saturation (SPEC.md)
+      v[i] = hit[i] ? kept : 0.0f;
+    }
+    store_run(y + b, len, v);
+  }
+  // Samples past the chunk's last bound (rounding only; in a middle chunk, those below c_end) land on
+  // its last element with a_j > 0, as in multinomial_range.
+  const bool leftover = k < r_count && (last_chunk || sb.pos[k - sb.base] < c_end);
+  if (leftover) {
+    for (int64_t j = end - 1; j >= begin; --j) {
+      const double xj = load(x, j);
+      if (xj == 0.0) continue;
+      store(y, j, saturate<T>(xj / keep_probability_of<T>(fabs(xj), sb.sum, r)));
+      break;
+    }
+  }
+}
+
+// Apply task t in multinomial mode for float32/float16 data; float64 code (apply_task) where S or
+// r / S is beyond float32's comfort.
+template <typename T>
+void multinomial_apply_f32(const Layout& l, const T* x, T* y, const double* scratch, const StreamKey& key, int64_t t) {
+  const int64_t n = t / l.elem_chunks, ch = t % l.elem_chunks;
+  const int64_t begin = ch * l.chunk, end = begin + l.chunk < l.m ? begin + l.chunk : l.m;
+  const double* c_before = scratch + n * l.c_stride();
+  const double sum = c_before[l.elem_chunks];
+  const double r = static_cast<double>(l.r);
+  KeepF32 keep;
+  if (!sum_is_usable(sum) || !keep.init(sum, r)) {
+    apply_task<T, Float32Variates>(l, x, y, scratch, key, t);
+    return;
+  }
+  const double* g_before = scratch + l.examples * l.c_stride() + n * l.g_stride();
+  SampleBlock sb{g_before, l.var_chunk, l.var_chunks, 1.0 / g_before[l.var_chunks], sum, l.r, &key,
+                 static_cast<uint32_t>(n), 0, 0.0, {}};
+  multinomial_range_f32(x + n * l.m, y + n * l.m, begin, end, c_before[ch], c_before[ch + 1], ch + 1 == l.elem_chunks,
+                        sb, keep, r);
+}
+
 template <typename T>
 struct SimdCall {
   const Layout* layout;
@@ -297,6 +539,9 @@ struct SimdCall {
         }
         return;
       }
+    }
+    if constexpr (sizeof(T) != sizeof(double)) {
+      return multinomial_apply_f32(l, c->x, c->y, c->scratch, *c->key, static_cast<int64_t>(t));
     }
     apply_task<T, Variates>(l, c->x, c->y, c->scratch, *c->key, static_cast<int64_t>(t));
   }

@@ -379,20 +379,19 @@ struct Float64Variates {
   SAP_HD static void run(const StreamKey& key, uint64_t first_block, uint32_t n, double e[kBlock]) {
     exponential_run(key, first_block, n, e);
   }
-};
-
-// Sum of E_i over variates [begin, end); begin is a multiple of 4.
-template <typename V = Float64Variates>
-SAP_HD double exponential_sum(const StreamKey& key, uint64_t begin, uint64_t end, uint32_t n) {
-  double s = 0;
-  for (uint64_t b = begin; b < end; b += kBlock) {
-    double e[kBlock];
-    V::run(key, b >> 2, n, e);
-    const int len = end - b < static_cast<uint64_t>(kBlock) ? static_cast<int>(end - b) : kBlock;
-    for (int i = 0; i < len; ++i) s += e[i];
+  // Sum of E_i over variates [begin, end) (begin a multiple of 4), for the variate chunk table. Any
+  // fixed order serves, since every caller reads G from that one table: this one adds in stream order.
+  SAP_HD static double sum(const StreamKey& key, uint64_t begin, uint64_t end, uint32_t n) {
+    double s = 0;
+    for (uint64_t b = begin; b < end; b += kBlock) {
+      double e[kBlock];
+      run(key, b >> 2, n, e);
+      const int len = end - b < static_cast<uint64_t>(kBlock) ? static_cast<int>(end - b) : kBlock;
+      for (int i = 0; i < len; ++i) s += e[i];
+    }
+    return s;
   }
-  return s;
-}
+};
 
 // Walks sample positions in order. G_k is always computed as (sum of the variates before k's chunk,
 // from the chunk prefix table) + (running sum from the chunk's start), so every caller sees

@@ -68,7 +68,7 @@ SAP_HD void partial_sum_task(const Layout& l, const T* x, double* scratch, const
     const int64_t n = u / l.var_chunks, d = u % l.var_chunks;
     const uint64_t begin = static_cast<uint64_t>(d * l.var_chunk);
     const uint64_t end = begin + l.var_chunk < l.r + 1 ? begin + l.var_chunk : l.r + 1;
-    g_before[n * l.g_stride() + d + 1] = exponential_sum<V>(key, begin, end, static_cast<uint32_t>(n));
+    g_before[n * l.g_stride() + d + 1] = V::sum(key, begin, end, static_cast<uint32_t>(n));
   }
 }
 
