@@ -1,5 +1,5 @@
-// Per-phase profile of the CPU kernel, outside ONNX Runtime: times the three phases of sap_phases.h
-// (partial sums, prefix, apply) at each CPU level on one thread, in ns per element. Built and run by
+// Per-phase profile of the CPU kernel, outside ONNX Runtime: times the two parallel phases of
+// sap_phases.h (partial sums, apply; the prefix runs between them in the calling thread) at each CPU level on one thread, in ns per element. Built and run by
 // benchmarks/phase_profile.sh; under valgrind --tool=callgrind the same program gives instruction
 // counts per phase (valgrind has no AVX-512: run it with the levels up to avx2).
 //
@@ -21,15 +21,16 @@ using namespace onnx_sap;
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr const char* kPhases[3] = {"partial sums", "prefix", "apply"};
-double g_phase_s[3];
+constexpr const char* kPhases[2] = {"partial sums", "apply"};
+double g_phase_s[2];
 int g_call;
 
-// The driver calls its parallel-for once per phase, in order: time each call serially.
+// With fewer than kCpuExampleTasksMin examples the driver calls its parallel-for once per phase, in
+// order: time each call serially.
 void timed_serial_for(void*, void (*fn)(void*, size_t), size_t total, void* ctx) {
   const auto t0 = Clock::now();
   for (size_t i = 0; i < total; ++i) fn(ctx, i);
-  g_phase_s[g_call++ % 3] += std::chrono::duration<double>(Clock::now() - t0).count();
+  g_phase_s[g_call++ % 2] += std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
 }  // namespace
@@ -54,7 +55,12 @@ int main(int argc, char** argv) {
   const StreamKey key{0x12345678u, 0x9abcdef0u, 0};
   std::printf("%s, float32 %lldx%lld, one thread, best of %d (ns per element)\n", argv[1],
               static_cast<long long>(n), static_cast<long long>(m), reps);
-  std::printf("  %-8s %14s %10s %10s %10s\n", "level", kPhases[0], kPhases[1], kPhases[2], "total");
+  if (n >= kCpuExampleTasksMin) {
+    std::fprintf(stderr, "N must be below %lld: larger batches run one task per example, not per phase\n",
+                 static_cast<long long>(kCpuExampleTasksMin));
+    return 2;
+  }
+  std::printf("  %-8s %14s %10s %10s\n", "level", kPhases[0], kPhases[1], "total");
   for (const std::string& name : levels) {
     Isa isa = Isa::kScalar;
     for (int i = 0; i < kIsaLevels; ++i)
@@ -63,16 +69,16 @@ int main(int argc, char** argv) {
       std::printf("  %-8s (not available here)\n", name.c_str());
       continue;
     }
-    double best[3] = {INFINITY, INFINITY, INFINITY};
+    double best[2] = {INFINITY, INFINITY};
     for (int r = 0; r < reps; ++r) {
-      g_phase_s[0] = g_phase_s[1] = g_phase_s[2] = 0;
+      g_phase_s[0] = g_phase_s[1] = 0;
       g_call = 0;
       run_cpu(isa, DType::kFloat32, x.data(), y.data(), layout, key, &timed_serial_for, nullptr);
-      for (int p = 0; p < 3; ++p) best[p] = std::min(best[p], g_phase_s[p]);
+      for (int p = 0; p < 2; ++p) best[p] = std::min(best[p], g_phase_s[p]);
     }
     const double per = 1e9 / static_cast<double>(n * m);
-    std::printf("  %-8s %14.2f %10.3f %10.2f %10.2f\n", name.c_str(), best[0] * per, best[1] * per, best[2] * per,
-                (best[0] + best[1] + best[2]) * per);
+    std::printf("  %-8s %14.2f %10.2f %10.2f\n", name.c_str(), best[0] * per, best[1] * per,
+                (best[0] + best[1]) * per);
   }
   return 0;
 }

@@ -142,6 +142,13 @@ def last_cpu_isa() -> str | None:
     return CPU_ISA_LEVELS[level] if level >= 0 else None
 
 
+def last_cpu_in_place() -> bool | None:
+    """Whether the most recent CPU run of the op in this process wrote its output over its input
+    (ONNX Runtime reused the input's buffer); None before any run."""
+    state = _library().onnx_sap_cpu_in_place_last()
+    return bool(state) if state >= 0 else None
+
+
 def provider_name(provider: str) -> str:
     """Map ``cpu``/``cuda`` (or a full ONNX Runtime provider name) to the provider name."""
     name = _PROVIDER_NAMES.get(provider.lower(), provider)

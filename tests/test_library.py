@@ -28,7 +28,7 @@ def test_exports_only_the_registration_and_c_entry_points():
         if len(parts) >= 8 and parts[4] == "GLOBAL" and parts[6] != "UND" and parts[3] == "FUNC":
             exported.add(parts[7])
     expected = {"RegisterCustomOps", "onnx_sap_has_cuda", "onnx_sap_cpu_isa_available", "onnx_sap_cpu_isa_name",
-                "onnx_sap_cpu_isa_last"}
+                "onnx_sap_cpu_isa_last", "onnx_sap_cpu_in_place_last"}
     if has_cuda_kernels():
         expected |= {"onnx_sap_cuda_run", "onnx_sap_cuda_last_error", "onnx_sap_cuda_device_count"}
     assert exported == expected
@@ -104,10 +104,12 @@ def test_registration_fails_loudly_on_a_runtime_older_than_needed():
     assert "1.16.3" in text and "onnxruntime 1.17 or newer" in text, text
 
 
-def test_registration_uses_the_runtimes_version_when_older_than_the_headers():
+@pytest.mark.parametrize("newest, version", [(20, b"1.20.1"), (17, b"1.17.3")])
+def test_registration_uses_the_runtimes_version_when_older_than_the_headers(newest, version):
     # A runtime one version behind the headers (onnxruntime 1.20 with 1.21 headers) used to get
-    # nothing registered, silently; sessions then failed with "not a registered function/op".
-    base, api = _older_runtime(20, b"1.20.1")
+    # nothing registered, silently; sessions then failed with "not a registered function/op". 1.17,
+    # the oldest supported, knows the output shape function but not the in-place fields (C API 18).
+    base, api = _older_runtime(newest, version)
     options, env, session = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
     assert not _fn(api, _CREATE_SESSION_OPTIONS, ctypes.c_void_p, ctypes.c_void_p)(ctypes.byref(options))
     assert not _fn(api, _CREATE_ENV, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(

@@ -9,7 +9,7 @@ import pytest
 from helpers import assert_matches_reference, sap_model
 
 from onnx_sap import make_session, reference
-from onnx_sap.runtime import CPU_ISA_LEVELS, cpu_isa_levels, last_cpu_isa
+from onnx_sap.runtime import CPU_ISA_LEVELS, cpu_isa_levels, last_cpu_in_place, last_cpu_isa
 
 CASES = [
     # shape, axis, dtype, mode, seed, stream
@@ -27,6 +27,12 @@ CASES = [
     ((4, 16, 10), 1, np.float64, "bernoulli", 8, 3),
     ((7,), 0, np.float32, "multinomial", 9, 0),
     ((5, 1), 1, np.float32, "bernoulli", 10, 0),
+    # From 8 examples on, one task per example (sum, prefix and apply back to back): one chunk, many
+    # chunks, and many chunks at a deeper axis.
+    ((9, 300), 1, np.float32, "bernoulli", 14, 1),
+    ((8, 40000), 1, np.float32, "bernoulli", 15, 1),
+    ((8, 40000), 1, np.float32, "multinomial", 16, 1),
+    ((2, 5, 3, 20000), 2, np.float16, "bernoulli", 17, 4),
 ]
 
 
@@ -127,6 +133,54 @@ def test_multinomial_float32_extreme_sums_match_reference_at_every_level(scale, 
     y = _run(make_session(sap_model(**attrs)), x, isa)
     assert (y[0] != 0).any() and np.all(np.isfinite(y))
     assert_matches_reference(y, x, call=0, **attrs)
+
+
+def _relu_sap_neg_model(dtype, outputs: str, rank: int = 2, **attrs) -> onnx.ModelProto:
+    """x -> Relu -> h -> SAP -> y -> Neg -> out, x of symbolic shape (y is no graph output: those get
+    buffers of their own). outputs: "out" (h is SAP's alone: ONNX Runtime may reuse its buffer for y,
+    whose inferred shape is h's), "h out" (h is also a graph output) or "out z" (h also feeds
+    z = h + out, which runs after SAP): then it must not."""
+    t = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    dims = [f"d{i}" for i in range(rank)]
+    nodes = [onnx.helper.make_node("Relu", ["x"], ["h"]),
+             onnx.helper.make_node("StochasticActivationPruning", ["h"], ["y"], domain="onnx_sap", **attrs),
+             onnx.helper.make_node("Neg", ["y"], ["out"])]
+    if "z" in outputs:
+        nodes.append(onnx.helper.make_node("Add", ["h", "out"], ["z"]))
+    graph = onnx.helper.make_graph(nodes, "relu_sap", [onnx.helper.make_tensor_value_info("x", t, dims)],
+                                   [onnx.helper.make_tensor_value_info(n, t, dims) for n in outputs.split()])
+    return onnx.helper.make_model(graph, ir_version=9, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                                      onnx.helper.make_opsetid("onnx_sap", 1)])
+
+
+@pytest.mark.parametrize("shape", [(2, 40000), (9, 3000)])  # chunk tasks; one task per example
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
+def test_output_over_the_input_buffer_matches_reference(shape, dtype, mode, isa):
+    attrs = dict(mode=mode, seed=41, stream=3)
+    x = _input(shape, dtype, 5)
+    h = np.maximum(x, 0)
+    sess = make_session(_relu_sap_neg_model(dtype, "out", **attrs))
+    for call in range(2):
+        y = -_run(sess, x, isa)
+        assert last_cpu_in_place(), "ONNX Runtime gave the op a buffer of its own: nothing was tested"
+        assert_matches_reference(y, h, call=call, **attrs)
+
+
+@pytest.mark.parametrize("outputs", ["h out", "out z"])
+@pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
+def test_input_with_other_readers_is_left_intact(outputs, mode, isa):
+    attrs = dict(mode=mode, seed=42)
+    x = _input((9, 3000), np.float32, 6)
+    h = np.maximum(x, 0)
+    sess = make_session(_relu_sap_neg_model(np.float32, outputs, **attrs))
+    results = dict(zip(outputs.split(), sess.run(None, {"x": x})))
+    assert last_cpu_isa() == isa and last_cpu_in_place() is False
+    assert_matches_reference(-results["out"], h, call=0, **attrs)
+    if "h" in results:
+        np.testing.assert_array_equal(results["h"], h)
+    else:
+        np.testing.assert_array_equal(results["z"], h + results["out"])
 
 
 def test_default_level_is_the_best_this_cpu_has(monkeypatch):

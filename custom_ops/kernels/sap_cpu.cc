@@ -1,6 +1,6 @@
 // CPU driver: picks the instruction-set level, and runs the portable scalar level (the reference
-// path on CPUs without AVX2): the three phases of sap_phases.h, each a parallel-for over ONNX
-// Runtime's intra-op pool. The SIMD levels live in sap_cpu_simd.h.
+// path on CPUs without AVX2): the three phases of sap_phases.h, scheduled on ONNX Runtime's intra-op
+// pool by run_phases (sap_kernels.h). The SIMD levels live in sap_cpu_simd.h.
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -26,10 +26,6 @@ struct CpuCall {
     auto* c = static_cast<CpuCall*>(self);
     partial_sum_task(*c->layout, c->x, c->scratch, *c->key, static_cast<int64_t>(t));
   }
-  static void prefix(void* self, size_t n) {
-    auto* c = static_cast<CpuCall*>(self);
-    prefix_task(*c->layout, c->scratch, static_cast<int64_t>(n));
-  }
   static void apply(void* self, size_t t) {
     auto* c = static_cast<CpuCall*>(self);
     apply_task(*c->layout, c->x, c->y, c->scratch, *c->key, static_cast<int64_t>(t));
@@ -40,9 +36,7 @@ template <typename T>
 void run_scalar(const T* x, T* y, const Layout& layout, const StreamKey& key, double* scratch, ParallelForFn pfor,
                 void* runner) {
   CpuCall<T> call{&layout, x, y, scratch, &key};
-  pfor(runner, &CpuCall<T>::partial, static_cast<size_t>(layout.partial_tasks()), &call);
-  pfor(runner, &CpuCall<T>::prefix, static_cast<size_t>(layout.examples), &call);
-  pfor(runner, &CpuCall<T>::apply, static_cast<size_t>(layout.apply_tasks()), &call);
+  run_phases(call, pfor, runner);
 }
 
 constexpr const char* kIsaNames[kIsaLevels] = {"scalar", "avx2", "avx512"};

@@ -518,10 +518,6 @@ struct SimdCall {
     auto* c = static_cast<SimdCall*>(self);
     partial_sum_task<T, Variates>(*c->layout, c->x, c->scratch, *c->key, static_cast<int64_t>(t));
   }
-  static void prefix(void* self, size_t n) {
-    auto* c = static_cast<SimdCall*>(self);
-    prefix_task(*c->layout, c->scratch, static_cast<int64_t>(n));
-  }
   static void apply(void* self, size_t t) {
     auto* c = static_cast<SimdCall*>(self);
     const Layout& l = *c->layout;
@@ -551,9 +547,7 @@ template <typename T>
 void run_simd(const T* x, T* y, const Layout& layout, const StreamKey& key, double* scratch, ParallelForFn pfor,
               void* runner) {
   SimdCall<T> call{&layout, x, y, scratch, &key};
-  pfor(runner, &SimdCall<T>::partial, static_cast<size_t>(layout.partial_tasks()), &call);
-  pfor(runner, &SimdCall<T>::prefix, static_cast<size_t>(layout.examples), &call);
-  pfor(runner, &SimdCall<T>::apply, static_cast<size_t>(layout.apply_tasks()), &call);
+  run_phases(call, pfor, runner);
 }
 
 }  // namespace

@@ -37,6 +37,43 @@ const char* choose_isa(Isa* isa);
 void run_cpu(Isa isa, DType dtype, const void* x, void* y, const Layout& layout, const StreamKey& key,
              ParallelForFn pfor, void* runner);
 
+// Batches of at least this many examples run one task per example (below).
+constexpr int64_t kCpuExampleTasksMin = 8;
+
+// The CPU schedule of sap_phases.h's three phases, shared by the scalar level (sap_cpu.cc) and the
+// SIMD levels (sap_cpu_simd.h). Call has members `layout` and `scratch` and static partial(self, t)
+// and apply(self, t), the phase tasks. Every parallel-for is a hand-off to ONNX Runtime's pool
+// (workers woken, then joined), and inside a model the activation was just written by the previous
+// node, so:
+// - with many examples, one task per example: its partial sums, prefix and apply back to back, the
+//   second read of the example coming from the cache, in one parallel-for;
+// - with few, the chunk tasks of each phase in parallel (the only parallelism there is), and the
+//   prefix, a few additions per example, in the calling thread: two hand-offs.
+// Every path runs the same tasks on the same chunks, so the results are bit for bit the same.
+template <typename Call>
+void example_task(void* self, size_t n) {
+  auto* c = static_cast<Call*>(self);
+  const Layout& l = *c->layout;
+  const int64_t e = static_cast<int64_t>(n);
+  for (int64_t ch = 0; ch < l.elem_chunks; ++ch) Call::partial(self, static_cast<size_t>(e * l.elem_chunks + ch));
+  const int64_t var_base = l.examples * l.elem_chunks + e * l.var_chunks;
+  for (int64_t d = 0; d < l.var_chunks; ++d) Call::partial(self, static_cast<size_t>(var_base + d));
+  prefix_task(l, c->scratch, e);
+  for (int64_t ch = 0; ch < l.elem_chunks; ++ch) Call::apply(self, static_cast<size_t>(e * l.elem_chunks + ch));
+}
+
+template <typename Call>
+void run_phases(Call& call, ParallelForFn pfor, void* runner) {
+  const Layout& l = *call.layout;
+  if (l.examples >= kCpuExampleTasksMin) {
+    pfor(runner, &example_task<Call>, static_cast<size_t>(l.examples), &call);
+    return;
+  }
+  pfor(runner, &Call::partial, static_cast<size_t>(l.partial_tasks()), &call);
+  for (int64_t n = 0; n < l.examples; ++n) prefix_task(l, call.scratch, n);
+  pfor(runner, &Call::apply, static_cast<size_t>(l.apply_tasks()), &call);
+}
+
 // The SIMD levels, one translation unit each (sap_cpu_avx2.cc, sap_cpu_avx512.cc), compiled for
 // their instruction set: call only when isa_available() says so. scratch holds
 // layout.scratch_doubles() zeros.

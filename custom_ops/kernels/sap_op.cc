@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -198,8 +199,12 @@ void ort_parallel_for(void* runner, void (*fn)(void*, size_t), size_t total, voi
   static_cast<Ort::KernelContext*>(runner)->ParallelFor(fn, total, 0, ctx);
 }
 
-// The CPU level of the most recent CPU call (-1 before any), so that tests can prove which level ran.
+// The CPU level of the most recent CPU call (-1 before any), and whether it wrote its output over its
+// input (-1 before any), so that tests can prove which level ran and that ONNX Runtime reused the buffer.
 std::atomic<int> g_last_cpu_isa{-1};
+std::atomic<int> g_last_cpu_in_place{-1};
+
+size_t element_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat16 ? 2 : 4; }
 
 Isa cpu_isa_or_throw(const std::string& node) {
   Isa isa = Isa::kScalar;
@@ -260,8 +265,20 @@ class SapKernel {
     if (!cuda_) {
       const Layout layout = layout_for(examples, m, r, kCpuChunk, kCpuVarChunk);
       check_host_scratch(layout);
+      // ONNX Runtime may hand us the input's buffer as the output (MayInplace, below). Bernoulli mode
+      // and the chunk phases read each block before writing it; multinomial_range's fix-up for a
+      // sample past the last boundary reads x after y is written, so that mode keeps a private copy
+      // of x when the buffers are one (no worse than the fresh output buffer it would get otherwise).
+      std::vector<unsigned char> x_copy;
+      const bool in_place = x == y;
+      if (in_place && attrs_.mode == Mode::kMultinomial) {
+        const size_t bytes = static_cast<size_t>(examples) * static_cast<size_t>(m) * element_size(dtype);
+        x_copy.assign(static_cast<const unsigned char*>(x), static_cast<const unsigned char*>(x) + bytes);
+        x = x_copy.data();
+      }
       run_cpu(isa_, dtype, x, y, layout, key, &ort_parallel_for, &ctx);
       g_last_cpu_isa.store(static_cast<int>(isa_), std::memory_order_relaxed);
+      g_last_cpu_in_place.store(in_place ? 1 : 0, std::memory_order_relaxed);
       return;
     }
 #ifdef ONNX_SAP_WITH_CUDA
@@ -318,6 +335,70 @@ class SapKernel {
 
 template <ONNXTensorElementDataType kType, bool kCuda>
 struct SapOp : Ort::CustomOpBase<SapOp<kType, kCuda>, SapKernel, true> {
+#if ORT_API_VERSION >= 18
+  // Y may reuse X's buffer on the CPU (ONNX Runtime decides: only when X has no other consumer and is
+  // not a graph input or output). Inside a model this saves a fresh output buffer per call, and the
+  // cache misses of writing it. ONNX Runtime reads these fields from C API version 18 on, and
+  // RegisterCustomOps sets the version to the runtime's, so 1.17 never sees them.
+  SapOp() {
+    OrtCustomOp::InferOutputShapeFn = &infer_output_shape;
+    if (!kCuda) {
+      OrtCustomOp::GetMayInplace = &may_in_place;
+      OrtCustomOp::ReleaseMayInplace = &release_may_in_place;
+    }
+  }
+  // Input 0 -> output 0. Returns 0 pairs (no in-place) if the arrays cannot be allocated.
+  static size_t ORT_API_CALL may_in_place(int** input_index, int** output_index) {
+    *input_index = static_cast<int*>(std::malloc(sizeof(int)));
+    *output_index = static_cast<int*>(std::malloc(sizeof(int)));
+    if (*input_index == nullptr || *output_index == nullptr) {
+      release_may_in_place(*input_index, *output_index);
+      *input_index = *output_index = nullptr;
+      return 0;
+    }
+    **input_index = 0;
+    **output_index = 0;
+    return 1;
+  }
+  static void ORT_API_CALL release_may_in_place(int* input_index, int* output_index) {
+    std::free(input_index);
+    std::free(output_index);
+  }
+#endif
+
+  // Y's shape is X's (ONNX Runtime reads this from C API version 17 on). Without it Y's shape is
+  // unknown, and ONNX Runtime reuses a buffer only between tensors known to be of the same size.
+  // Dims are copied as they are, unnamed unknown ones included (Ort::ShapeInferContext refuses
+  // those); an input of unknown rank leaves Y's shape unknown.
+  static OrtStatusPtr ORT_API_CALL infer_output_shape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+    const OrtApi& api = Ort::GetApi();
+    OrtTensorTypeAndShapeInfo* in = nullptr;
+    OrtTensorTypeAndShapeInfo* out = nullptr;
+    OrtStatus* st = nullptr;
+    try {
+      st = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &in);
+      size_t rank = 0;
+      if (st == nullptr) st = api.GetDimensionsCount(in, &rank);
+      if (st == nullptr && rank > 0) {
+        std::vector<int64_t> dims(rank);
+        std::vector<const char*> names(rank, nullptr);
+        st = api.GetDimensions(in, dims.data(), rank);
+        if (st == nullptr) st = api.GetSymbolicDimensions(in, names.data(), rank);
+        if (st == nullptr) st = api.CreateTensorTypeAndShapeInfo(&out);
+        // The input's type, not kType: ONNX Runtime runs one op's function for all types of a name.
+        ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+        if (st == nullptr) st = api.GetTensorElementType(in, &type);
+        if (st == nullptr) st = api.SetTensorElementType(out, type);
+        if (st == nullptr) st = api.SetDimensions(out, dims.data(), rank);
+        if (st == nullptr) st = api.SetSymbolicDimensions(out, names.data(), rank);
+        if (st == nullptr) st = api.ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
+      }
+    } catch (...) {
+      st = exception_status(api);
+    }
+    if (out) api.ReleaseTensorTypeAndShapeInfo(out);
+    return st;  // `in` belongs to the context
+  }
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     try {
       *kernel = new SapKernel(read_attributes(api, info), kCuda);
@@ -428,3 +509,9 @@ SAP_EXPORT const char* onnx_sap_cpu_isa_name(int level) {
 }
 
 SAP_EXPORT int onnx_sap_cpu_isa_last(void) { return onnx_sap::g_last_cpu_isa.load(std::memory_order_relaxed); }
+
+// Whether the most recent CPU call wrote its output over its input (1), into a buffer of its own (0),
+// or -1 before any (queried from Python with ctypes, for the tests).
+SAP_EXPORT int onnx_sap_cpu_in_place_last(void) {
+  return onnx_sap::g_last_cpu_in_place.load(std::memory_order_relaxed);
+}
