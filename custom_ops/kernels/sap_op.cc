@@ -368,8 +368,9 @@ struct SapOp : Ort::CustomOpBase<SapOp<kType, kCuda>, SapKernel, true> {
 
   // Y's shape is X's (ONNX Runtime reads this from C API version 17 on). Without it Y's shape is
   // unknown, and ONNX Runtime reuses a buffer only between tensors known to be of the same size.
-  // Dims are copied as they are, unnamed unknown ones included (Ort::ShapeInferContext refuses
-  // those); an input of unknown rank leaves Y's shape unknown.
+  // An input of unknown rank, or with an unknown dim that has no name, leaves Y's shape unknown:
+  // ONNX Runtime would store such a dim as the value -1, a wrong shape that later nodes' shape
+  // inference rejects (Ort::ShapeInferContext refuses them for the same reason).
   static OrtStatusPtr ORT_API_CALL infer_output_shape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
     const OrtApi& api = Ort::GetApi();
     OrtTensorTypeAndShapeInfo* in = nullptr;
@@ -384,6 +385,9 @@ struct SapOp : Ort::CustomOpBase<SapOp<kType, kCuda>, SapKernel, true> {
         std::vector<const char*> names(rank, nullptr);
         st = api.GetDimensions(in, dims.data(), rank);
         if (st == nullptr) st = api.GetSymbolicDimensions(in, names.data(), rank);
+        bool unnamed_unknown = false;
+        for (size_t i = 0; i < rank; ++i) unnamed_unknown |= dims[i] < 0 && (names[i] == nullptr || *names[i] == '\0');
+        if (st == nullptr && unnamed_unknown) return nullptr;  // see above
         if (st == nullptr) st = api.CreateTensorTypeAndShapeInfo(&out);
         // The input's type, not kType: ONNX Runtime runs one op's function for all types of a name.
         ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
