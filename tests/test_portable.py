@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 
-from onnx_sap.portable import keep_gain
+from onnx_sap.portable import CELL_DRAWS, keep_gain
 
 
 def gain_model(dtype) -> onnx.ModelProto:
@@ -83,3 +83,46 @@ def test_portable_keeps_each_element_with_probability_q(opset, dtype, mode):
                                rtol=2e-3 if dtype == np.float16 else 1e-5)
     if mode == "multinomial":
         assert (ys[:, 0] != 0).sum(axis=1).max() <= r
+
+
+def tapped(model: onnx.ModelProto, roles: dict[str, int]) -> onnx.ModelProto:
+    """model with the outputs of its portable nodes of these roles (role -> element type) as graph outputs."""
+    from onnx_sap.sap_nodes import parse_name
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    by_role = {parse_name(n.name).role: n for n in out.graph.node if parse_name(n.name) is not None}
+    for role, elem in roles.items():
+        out.graph.output.append(onnx.helper.make_tensor_value_info(by_role[role].output[0], elem, None))
+    return out
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_portable_multinomial_keeps_exactly_the_elements_its_draws_land_on(opset):
+    """Element j is kept iff some draw T lands on it (j = the smallest index with C_j > T, as
+    np.searchsorted finds it), on rows made to strain the search: long runs of zeros (a dead
+    channel), one element holding nearly all the mass among many tiny ones, ReLU-like and even rows.
+    However the mass lies, the draws are spread evenly over [0, S), so the search needs few rounds."""
+    from onnx_sap import harden
+
+    width, rng = 4096, np.random.default_rng(5)
+    dead = np.abs(rng.standard_normal(width))
+    dead[100:3100] = 0.0
+    dominant = np.full(width, 1e-6)
+    dominant[2000] = 1e6
+    relu = np.maximum(rng.standard_normal(width), 0)
+    x = np.stack([dead, dominant, relu, np.ones(width)]).astype(np.float32)
+    h = harden(relu_model(opset, np.float32, width), portable=True, mode="multinomial").model  # r = m
+    T = onnx.TensorProto
+    sess = ort.InferenceSession(tapped(h, {"prefix": T.DOUBLE, "targets": T.DOUBLE, "kept": T.FLOAT,
+                                           "rounds": T.INT64}).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    for _ in range(5):
+        _, c, t, kept, rounds = sess.run(None, {"x": x})
+        assert t.shape == (len(x), width) and np.all(np.diff(t, axis=1) >= 0)  # r = m sorted draws per example
+        for row in range(len(x)):
+            lands = np.searchsorted(c[row], t[row], side="right")
+            expected = np.zeros(width)
+            expected[lands[lands < width]] = 1
+            np.testing.assert_array_equal(kept[row], expected)
+        assert rounds <= np.log2(4 * CELL_DRAWS)
