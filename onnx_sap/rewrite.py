@@ -244,11 +244,13 @@ def _add_ensemble(graph: gs.Graph, k: int, reduce: str, opset: int, names: _Name
         graph.nodes.insert(0, gs.Node("Concat", name=node_name(region_name(ENSEMBLE_IN, i), "out"), inputs=[x] * k,
                                       outputs=[tiled], attrs={"axis": 0}))
     # Every tensor after the inputs now holds k times the batch: shapes inferred for the original
-    # (a static batch size) would contradict it, so they are left for inference to redo.
+    # (a static batch size) would contradict it, so they are left for inference to redo. Scalars stay
+    # scalars (and ONNX Runtime needs the shapes of a Loop body's iteration count and condition).
     outputs = {id(t) for t in graph.outputs}
     for _, g in iter_graphs(graph):
         for t in g.tensors().values():
-            if isinstance(t, gs.Variable) and id(t) not in outputs and not any(t is x for x in graph.inputs):
+            if (isinstance(t, gs.Variable) and id(t) not in outputs and not any(t is x for x in graph.inputs)
+                    and not (t.shape is not None and len(t.shape) == 0)):
                 t.shape = None
     for i, y in enumerate(list(graph.outputs)):
         if y.dtype is not None and y.dtype not in SAP_DTYPES:

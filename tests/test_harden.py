@@ -252,6 +252,14 @@ def test_portable_sessions_in_one_process_repeat_the_stream_unless_the_runtime_i
     assert not np.array_equal(reseeded, three_runs())
 
 
+def test_portable_multinomial_ensemble_runs():
+    # The ensemble forgets inferred shapes (the batch grows k times) but not those of the portable
+    # form's Loop body inputs, which ONNX Runtime needs.
+    m = cnn()
+    out = run(harden(m, portable=True, mode="multinomial", ensemble=3).model, {"x": IMG})[0]
+    assert out.shape == (3, 10) and np.all(np.isfinite(out))
+
+
 def test_portable_multinomial_keeps_at_most_r():
     m = activation_as_output()
     h = harden(m, portable=True, mode="multinomial", samples=4).model
