@@ -123,6 +123,15 @@ def test_multinomial_few_and_many_samples_match_reference_at_every_level(r_attrs
         assert_matches_reference(y, x, call=call, **attrs)
 
 
+def test_multinomial_variates_generated_twice_match_reference_at_every_level(isa):
+    # Past 2^24 variates in a call the SIMD levels generate them again in phase 3 instead of keeping
+    # them from phase 1: both ways must place the samples the same.
+    attrs = dict(mode="multinomial", samples=2**24 // 3 + 7, seed=35)
+    x = _input((3, 5000), np.float32, 7)
+    y = _run(make_session(sap_model(**attrs)), x, isa)
+    assert_matches_reference(y, x, call=0, **attrs)
+
+
 @pytest.mark.parametrize("scale", [1e-41, 1e-30, 3e35])
 def test_multinomial_float32_extreme_sums_match_reference_at_every_level(scale, isa):
     # S subnormal, tiny or huge: 1 / S or r / S leaves float32's range, so the SIMD levels must take

@@ -23,6 +23,8 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <memory>
+#include <new>
 #include <type_traits>
 
 #include "sap_kernels.h"
@@ -144,30 +146,44 @@ SAP_HD float neg_logf(float u) {
 // The multinomial sampler's variates in float32 for float32/float16 data (SPEC.md allows it): each
 // E_i is within about 2^-23 relative of -log(u_i) (plus 2^-25 absolute from rounding u near 1), so a
 // position T_k * S moves by about 1e-7 of S, far inside the 1e-5 decision band. They are summed in
-// float64 like the float64 variates.
+// float64 like the float64 variates. With `kept` set, phase 1 also stores them there (kept[n * (r + 1)
+// + i] for variate i of example n), so that phase 3 reads them instead of generating them again.
 struct Float32Variates {
+  float* kept = nullptr;
+  uint64_t per_example = 0;  // r + 1
+
+  SAP_HD static void words_to_variates(const uint32_t* w, float* e) {
+    for (int i = 0; i < kBlock; ++i) e[i] = neg_logf(__builtin_fmaf(static_cast<float>(w[i]), 2.3283064e-10f, 1.1641532e-10f));
+  }
   SAP_HD static void run(const StreamKey& key, uint64_t first_block, uint32_t n, double e[kBlock]) {
     alignas(64) uint32_t w[kBlock];
+    alignas(64) float f[kBlock];
     philox_words(key, first_block, n, w);
-    for (int i = 0; i < kBlock; ++i) {
-      e[i] = static_cast<double>(neg_logf(__builtin_fmaf(static_cast<float>(w[i]), 2.3283064e-10f, 1.1641532e-10f)));
-    }
+    words_to_variates(w, f);
+    for (int i = 0; i < kBlock; ++i) e[i] = static_cast<double>(f[i]);
   }
   // The variate chunk sums in eight float64 lanes (a single running sum is a latency chain).
-  SAP_HD static double sum(const StreamKey& key, uint64_t begin, uint64_t end, uint32_t n) {
+  SAP_HD double sum(const StreamKey& key, uint64_t begin, uint64_t end, uint32_t n) const {
     double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float* out = kept != nullptr ? kept + n * per_example : nullptr;
     for (uint64_t b = begin; b < end; b += kBlock) {
-      alignas(64) double e[kBlock];
-      run(key, b >> 2, n, e);
+      alignas(64) uint32_t w[kBlock];
+      alignas(64) float f[kBlock];
+      philox_words(key, b >> 2, n, w);
+      words_to_variates(w, f);
       const int len = end - b < static_cast<uint64_t>(kBlock) ? static_cast<int>(end - b) : kBlock;
-      for (int i = len; i < kBlock; ++i) e[i] = 0.0;
+      for (int i = len; i < kBlock; ++i) f[i] = 0.0f;
+      if (out != nullptr) memcpy(out + b, f, static_cast<size_t>(len) * sizeof(float));
       for (int i = 0; i < kBlock; i += 8) {
-        for (int l = 0; l < 8; ++l) lanes[l] += e[i + l];
+        for (int l = 0; l < 8; ++l) lanes[l] += static_cast<double>(f[i + l]);
       }
     }
     return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
   }
 };
+
+// Most floats a call keeps variates in (64 MiB); larger calls generate them again in phase 3.
+constexpr uint64_t kMaxKeptVariates = uint64_t{1} << 24;
 
 // Loads and stores of a run of len <= kBlock elements as float32; the rest of the run is zero.
 SAP_HD void load_run(const float* x, int len, float* xs) {
@@ -428,6 +444,7 @@ struct SampleBlock {
   uint64_t r;
   const StreamKey* key;
   uint32_t n;
+  const float* kept;       // this example's variates kept by phase 1, or nullptr: generate them
   uint64_t base = 0;
   double g_last = 0;
   alignas(64) double pos[kBlock];
@@ -435,7 +452,13 @@ struct SampleBlock {
   // Loads the block from variate b (a multiple of kBlock), given G before b.
   SAP_HD void load(uint64_t b, double g_prev) {
     alignas(64) double e[kBlock];
-    Float32Variates::run(*key, b >> 2, n, e);
+    if (kept != nullptr) {
+      // Variates past r (the last block's tail) are not kept: 0, as phase 1 summed them.
+      const uint64_t len = r + 1 - b < static_cast<uint64_t>(kBlock) ? r + 1 - b : static_cast<uint64_t>(kBlock);
+      for (int i = 0; i < kBlock; ++i) e[i] = static_cast<uint64_t>(i) < len ? static_cast<double>(kept[b + i]) : 0.0;
+    } else {
+      Float32Variates::run(*key, b >> 2, n, e);
+    }
     g_last = prefix_sums(e, g_prev, pos);
     for (int i = 0; i < kBlock; ++i) pos[i] = (pos[i] * inv_total) * sum;  // T_k * S, as SampleCursor
     base = b;
@@ -569,7 +592,8 @@ void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double 
 // Apply task t in multinomial mode for float32/float16 data; float64 code (apply_task) where S or
 // r / S is beyond float32's comfort.
 template <typename T>
-void multinomial_apply_f32(const Layout& l, const T* x, T* y, const double* scratch, const StreamKey& key, int64_t t) {
+void multinomial_apply_f32(const Layout& l, const T* x, T* y, const double* scratch, const StreamKey& key,
+                           const Float32Variates& variates, int64_t t) {
   const int64_t n = t / l.elem_chunks, ch = t % l.elem_chunks;
   const int64_t begin = ch * l.chunk, end = begin + l.chunk < l.m ? begin + l.chunk : l.m;
   const double* c_before = scratch + n * l.c_stride();
@@ -582,7 +606,8 @@ void multinomial_apply_f32(const Layout& l, const T* x, T* y, const double* scra
   }
   const double* g_before = scratch + l.examples * l.c_stride() + n * l.g_stride();
   SampleBlock sb{g_before, l.var_chunk, l.var_chunks, 1.0 / g_before[l.var_chunks], sum, l.r, &key,
-                 static_cast<uint32_t>(n), 0, 0.0, {}};
+                 static_cast<uint32_t>(n), variates.kept != nullptr ? variates.kept + n * variates.per_example : nullptr,
+                 0, 0.0, {}};
   multinomial_range_f32(x + n * l.m, y + n * l.m, begin, end, c_before[ch], c_before[ch + 1], ch + 1 == l.elem_chunks,
                         sb, keep, r);
 }
@@ -597,10 +622,11 @@ struct SimdCall {
 
   // float32 variates for float32/float16 data, float64 ones for float64 data.
   using Variates = std::conditional_t<sizeof(T) == sizeof(double), Float64Variates, Float32Variates>;
+  Variates variates;
 
   static void partial(void* self, size_t t) {
     auto* c = static_cast<SimdCall*>(self);
-    partial_sum_task<T, Variates>(*c->layout, c->x, c->scratch, *c->key, static_cast<int64_t>(t));
+    partial_sum_task<T, Variates>(*c->layout, c->x, c->scratch, *c->key, static_cast<int64_t>(t), c->variates);
   }
   static void apply(void* self, size_t t) {
     auto* c = static_cast<SimdCall*>(self);
@@ -621,7 +647,7 @@ struct SimdCall {
       }
     }
     if constexpr (sizeof(T) != sizeof(double)) {
-      return multinomial_apply_f32(l, c->x, c->y, c->scratch, *c->key, static_cast<int64_t>(t));
+      return multinomial_apply_f32(l, c->x, c->y, c->scratch, *c->key, c->variates, static_cast<int64_t>(t));
     }
     apply_task<T, Variates>(l, c->x, c->y, c->scratch, *c->key, static_cast<int64_t>(t));
   }
@@ -630,7 +656,17 @@ struct SimdCall {
 template <typename T>
 void run_simd(const T* x, T* y, const Layout& layout, const StreamKey& key, double* scratch, ParallelForFn pfor,
               void* runner) {
-  SimdCall<T> call{&layout, x, y, scratch, &key};
+  SimdCall<T> call{&layout, x, y, scratch, &key, {}};
+  // Multinomial float32/float16 calls keep their variates between phases 1 and 3 when they fit.
+  std::unique_ptr<float[]> kept;
+  if constexpr (sizeof(T) != sizeof(double)) {
+    const uint64_t per_example = layout.r + 1;
+    const uint64_t n = static_cast<uint64_t>(layout.examples);
+    if (layout.mode == Mode::kMultinomial && n != 0 && per_example <= kMaxKeptVariates / n) {
+      kept.reset(new (std::nothrow) float[n * per_example]);  // uninitialized: phase 1 writes every one read
+      call.variates = Float32Variates{kept.get(), per_example};
+    }
+  }
   run_phases(call, pfor, runner);
 }
 

@@ -53,9 +53,11 @@ inline bool make_layout(int64_t examples, int64_t m, uint64_t r, Mode mode, int6
 
 // Phase 1, task t: one partial sum, stored at index chunk + 1 of its table so that phase 2 can
 // prefix-sum in place.
-// V: the multinomial variate generator (sap_math.h's Float64Variates unless a driver picks another).
+// V: the multinomial variate generator (sap_math.h's Float64Variates unless a driver picks another;
+// `variates` is passed for generators that keep state, such as where to keep the variates).
 template <typename T, typename V = Float64Variates>
-SAP_HD void partial_sum_task(const Layout& l, const T* x, double* scratch, const StreamKey& key, int64_t t) {
+SAP_HD void partial_sum_task(const Layout& l, const T* x, double* scratch, const StreamKey& key, int64_t t,
+                             const V& variates = V{}) {
   double* c_before = scratch;
   double* g_before = scratch + l.examples * l.c_stride();
   const int64_t elem_tasks = l.examples * l.elem_chunks;
@@ -68,7 +70,7 @@ SAP_HD void partial_sum_task(const Layout& l, const T* x, double* scratch, const
     const int64_t n = u / l.var_chunks, d = u % l.var_chunks;
     const uint64_t begin = static_cast<uint64_t>(d * l.var_chunk);
     const uint64_t end = begin + l.var_chunk < l.r + 1 ? begin + l.var_chunk : l.r + 1;
-    g_before[n * l.g_stride() + d + 1] = V::sum(key, begin, end, static_cast<uint32_t>(n));
+    g_before[n * l.g_stride() + d + 1] = variates.sum(key, begin, end, static_cast<uint32_t>(n));
   }
 }
 
