@@ -365,6 +365,22 @@ SAP_HD int count_lt_block(const double* v, double p) {
 #endif
 static_assert(kGroup == 8 && kGroups == 8, "the sample search compares 8 bounds at a time");
 
+// Bit i set where xs[i] != 0, for a run of kBlock floats.
+SAP_HD uint64_t nonzero_mask(const float* xs) {
+  uint64_t m = 0;
+#if defined(__AVX512F__)
+  for (int v = 0; v < kBlock / 16; ++v) {
+    m |= static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 16 * v), _mm512_setzero_ps(), _CMP_NEQ_UQ)) << (16 * v);
+  }
+#else
+  for (int v = 0; v < kBlock / 8; ++v) {
+    const int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xs + 8 * v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    m |= static_cast<uint64_t>(static_cast<unsigned>(bits)) << (8 * v);
+  }
+#endif
+  return m;
+}
+
 #if defined(__AVX512F__)
 // AVX-512's sample search: 16 samples at a time, branch-free, in three 4-way steps over a run's 64
 // bounds (16 elements, 4, 1: three compares each, against pivots picked from registers by vpermps),
@@ -500,12 +516,20 @@ void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double 
   }
   const float top = static_cast<float>(max_finite(static_cast<const T*>(nullptr)));
   double c = c_begin;
+  // The chunk's last element with a_j > 0 and its x, read before y is written (y may be x's buffer).
+  int64_t last_nonzero = -1;
+  float last_x = 0.0f;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int len = end - b < kBlock ? static_cast<int>(end - b) : kBlock;
     alignas(64) float xs[kBlock], q[kBlock], v[kBlock];
     alignas(64) double a[kBlock], bound[kBlock + kGroup];
     alignas(64) uint32_t hit[kBlock + kGroup];
     load_run(x + b, len, xs);
+    if (const uint64_t nz = nonzero_mask(xs)) {  // zero past len
+      const int i = 63 - __builtin_clzll(nz);
+      last_nonzero = b + i;
+      last_x = xs[i];
+    }
     for (int i = 0; i < kBlock; ++i) a[i] = fabs(static_cast<double>(xs[i]));
     const double c_run = c;
     c = prefix_sums(a, c, bound);
@@ -579,13 +603,9 @@ void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double 
   // Samples past the chunk's last bound (rounding only; in a middle chunk, those below c_end) land on
   // its last element with a_j > 0, as in multinomial_range.
   const bool leftover = k < r_count && (last_chunk || sb.pos[k - sb.base] < c_end);
-  if (leftover) {
-    for (int64_t j = end - 1; j >= begin; --j) {
-      const double xj = load(x, j);
-      if (xj == 0.0) continue;
-      store(y, j, saturate<T>(xj / keep_probability_of<T>(fabs(xj), sb.sum, r)));
-      break;
-    }
+  if (leftover && last_nonzero >= 0) {
+    const double xj = static_cast<double>(last_x);
+    store(y, last_nonzero, saturate<T>(xj / keep_probability_of<T>(fabs(xj), sb.sum, r)));
   }
 }
 

@@ -469,6 +469,7 @@ SAP_HD void multinomial_range(const T* x, T* y, int64_t begin, int64_t end, doub
   }
   double c = c_before;
   int64_t last_nonzero = -1;
+  double last_x = 0.0;  // x there, read before y is written: y may be x's buffer (in place)
   for (int64_t b = begin; b < end; b += kBlock) {
     const int len = end - b < kBlock ? static_cast<int>(end - b) : kBlock;
     double xs[kBlock], a[kBlock], bound[kBlock], pos[kBlock], q[kBlock];
@@ -479,7 +480,10 @@ SAP_HD void multinomial_range(const T* x, T* y, int64_t begin, int64_t end, doub
       c += a[i];
       bound[i] = c;
       hit[i] = 0;
-      if (a[i] > 0.0) last_nonzero = b + i;
+      if (a[i] > 0.0) {
+        last_nonzero = b + i;
+        last_x = xs[i];
+      }
     }
     for (int i = len; i < kBlock; ++i) bound[i] = INFINITY;
     double tops[kGroups];
@@ -512,8 +516,7 @@ SAP_HD void multinomial_range(const T* x, T* y, int64_t begin, int64_t end, doub
   }
   // Samples past the last boundary (rounding only) land on the last element with a_j > 0.
   if (cur.k < k_end && last_nonzero >= 0) {
-    const double xj = load(x, last_nonzero);
-    store(y, last_nonzero, saturate<T>(xj / keep_probability_of<T>(fabs(xj), sum, r)));
+    store(y, last_nonzero, saturate<T>(last_x / keep_probability_of<T>(fabs(last_x), sum, r)));
   }
 }
 

@@ -204,8 +204,6 @@ void ort_parallel_for(void* runner, void (*fn)(void*, size_t), size_t total, voi
 std::atomic<int> g_last_cpu_isa{-1};
 std::atomic<int> g_last_cpu_in_place{-1};
 
-size_t element_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat16 ? 2 : 4; }
-
 Isa cpu_isa_or_throw(const std::string& node) {
   Isa isa = Isa::kScalar;
   if (const char* error = choose_isa(&isa)) {
@@ -265,17 +263,10 @@ class SapKernel {
     if (!cuda_) {
       const Layout layout = layout_for(examples, m, r, kCpuChunk, kCpuVarChunk);
       check_host_scratch(layout);
-      // ONNX Runtime may hand us the input's buffer as the output (MayInplace, below). Bernoulli mode
-      // and the chunk phases read each block before writing it; multinomial_range's fix-up for a
-      // sample past the last boundary reads x after y is written, so that mode keeps a private copy
-      // of x when the buffers are one (no worse than the fresh output buffer it would get otherwise).
-      std::vector<unsigned char> x_copy;
+      // ONNX Runtime may hand us the input's buffer as the output (MayInplace, below): every phase
+      // task reads its elements before writing them (the multinomial fix-up for a sample past the
+      // last boundary uses the value it kept from that read), and no task reads another's elements.
       const bool in_place = x == y;
-      if (in_place && attrs_.mode == Mode::kMultinomial) {
-        const size_t bytes = static_cast<size_t>(examples) * static_cast<size_t>(m) * element_size(dtype);
-        x_copy.assign(static_cast<const unsigned char*>(x), static_cast<const unsigned char*>(x) + bytes);
-        x = x_copy.data();
-      }
       run_cpu(isa_, dtype, x, y, layout, key, &ort_parallel_for, &ctx);
       g_last_cpu_isa.store(static_cast<int>(isa_), std::memory_order_relaxed);
       g_last_cpu_in_place.store(in_place ? 1 : 0, std::memory_order_relaxed);
