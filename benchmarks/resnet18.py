@@ -4,7 +4,12 @@ rounds in one run (onnx_sap.bench). Targets: <= 1.10 with bernoulli, <= 1.25 wit
 --portable (standard ops only), <= 2.5 and <= 8. The model's opset is 17 unless --opset says otherwise
 (the portable form draws its random numbers faster from opset 18 on).
 
-    python benchmarks/resnet18.py [--threads 2] [--rounds 20] [--batch 1 32] [--portable] [--opset 18]
+With --floor, also the same graph with ONNX's Abs in place of each SAP node: ONNX Runtime runs its
+convolutions in a blocked channel layout (NCHWc) and brackets every op outside that path, SAP as much
+as Abs, with layout conversions (ReorderOutput, ReorderInput); Abs adds one cheap pass on top, so its
+ratio is about the least any op in SAP's place costs in this model.
+
+    python benchmarks/resnet18.py [--threads 2] [--rounds 20] [--batch 1 32] [--portable] [--opset 18] [--floor]
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_sap.bench import bench
-from onnx_sap.rewrite import HardenOptions
+from onnx_sap.rewrite import HardenOptions, harden_model
 
 
 def resnet18(num_classes: int = 1000, seed: int = 0, opset: int = 17) -> onnx.ModelProto:
@@ -61,6 +66,17 @@ def resnet18(num_classes: int = 1000, seed: int = 0, opset: int = 17) -> onnx.Mo
     return helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", opset)])
 
 
+def abs_in_place_of_sap(hardened: onnx.ModelProto) -> onnx.ModelProto:
+    """hardened with each SAP node replaced by an ONNX Abs (the identity on post-ReLU activations)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(hardened)
+    for node in m.graph.node:
+        if node.domain == "onnx_sap":
+            node.op_type, node.domain = "Abs", ""
+            del node.attribute[:]
+    return m
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -68,6 +84,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--portable", action="store_true", help="time the standard-ops form instead of the custom op")
     ap.add_argument("--opset", type=int, default=17, help="the model's opset (Conv, Relu, ... read the same from 13 on)")
+    ap.add_argument("--floor", action="store_true", help="also time Abs in place of each SAP node (see above)")
     args = ap.parse_args()
     model = resnet18(opset=args.opset)
     relus = sum(n.op_type == "Relu" for n in model.graph.node)
@@ -82,6 +99,11 @@ def main() -> None:
             print(f"  {mode:<11} batch {r.batch:>3}: original p50 {r.original.p50_ms:8.2f} ms, hardened p50 "
                   f"{r.hardened.p50_ms:8.2f} ms, hardened/original {r.ratio_p50:.3f} (p90 {r.ratio_p90:.3f}; "
                   f"target <= {target})")
+    if args.floor:
+        floor = abs_in_place_of_sap(harden_model(model, HardenOptions(mode="bernoulli")).model)
+        for r in bench(model, floor, batches=tuple(args.batch), threads=args.threads, rounds=args.rounds):
+            print(f"  Abs for SAP batch {r.batch:>3}: original p50 {r.original.p50_ms:8.2f} ms, with Abs p50 "
+                  f"{r.hardened.p50_ms:8.2f} ms, with Abs/original {r.ratio_p50:.3f} (p90 {r.ratio_p90:.3f})")
 
 
 if __name__ == "__main__":
