@@ -163,9 +163,11 @@ struct Float32Variates {
     words_to_variates(w, f);
     for (int i = 0; i < kBlock; ++i) e[i] = static_cast<double>(f[i]);
   }
-  // The variate chunk sums in eight float64 lanes (a single running sum is a latency chain).
+  // The variate chunk sums in 32 float64 lanes (a single running sum, or one vector of them, is a
+  // latency chain).
   SAP_HD double sum(const StreamKey& key, uint64_t begin, uint64_t end, uint32_t n) const {
-    double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    constexpr int kLanes = 32;
+    double lanes[kLanes] = {};
     float* out = kept != nullptr ? kept + n * per_example : nullptr;
     for (uint64_t b = begin; b < end; b += kBlock) {
       alignas(64) uint32_t w[kBlock];
@@ -175,11 +177,14 @@ struct Float32Variates {
       const int len = end - b < static_cast<uint64_t>(kBlock) ? static_cast<int>(end - b) : kBlock;
       for (int i = len; i < kBlock; ++i) f[i] = 0.0f;
       if (out != nullptr) memcpy(out + b, f, static_cast<size_t>(len) * sizeof(float));
-      for (int i = 0; i < kBlock; i += 8) {
-        for (int l = 0; l < 8; ++l) lanes[l] += static_cast<double>(f[i + l]);
+      for (int i = 0; i < kBlock; i += kLanes) {
+        for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(f[i + l]);
       }
     }
-    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    for (int w = kLanes / 2; w > 0; w /= 2) {
+      for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+    }
+    return lanes[0];
   }
 };
 
