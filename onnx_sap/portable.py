@@ -167,7 +167,7 @@ def _multinomial_keep(op, const, a64: gs.Variable, valid: gs.Variable, all_valid
     whose trip count is computed at run time). A search per draw over C instead needed as many rounds
     as the widest run of elements within one cell, which a dead channel makes thousands long."""
     levels = max(1, math.ceil(math.log2(r + 1)))  # a search over the r draws
-    index_type = np.int32 if r < 2**31 - 2**levels else np.int64
+    index_type = np.int32 if r < 2**30 else np.int64  # below may overshoot r - 1 by less than 2^levels
     itype = _tensor_type(index_type)
     cells = max(1, -(-r // CELL_DRAWS))
     c = op("CumSum", "prefix", [op("Flatten", "rows", [a64], {"axis": axis}), const("col_axis", 1, np.int32)])
@@ -177,17 +177,16 @@ def _multinomial_keep(op, const, a64: gs.Variable, valid: gs.Variable, all_valid
                                                                        const("end", [m], np.int64),
                                                                        const("cols", [1], np.int64)]),
                                   const("one_t", 1.0, np.float64)])
-    targets = _sorted_targets(op, const, total, r, options, stream)
-    # T_k = +Inf for k = r .. 2^levels - 1, where every comparison says "not below": probes stay in
-    # range without a clamp in every round (the second level's start is clamped once, below).
-    padded = op("Pad", "padded", [targets, const("pads", [0, 0, 0, 2**levels - r], np.int64),
-                                  const("pad_inf", np.inf, np.float64)])
+    targets = _sorted_targets(op, const, valid_rows, total, r, options, stream)
+    last = const("last_draw", r - 1, index_type)
 
     def search_round(emit, below, step, bounds):
         """One branchless round: below (the last k with T_k < bound found so far) moves up by step
-        where T[below + step] < bound; arithmetic rather than Where, which ONNX Runtime runs slowly."""
-        probe = emit("Add", "probe", [below, step])
-        less = emit("Less", "below_t", [emit("GatherElements", "draw", [padded, probe], {"axis": 1}), bounds])
+        where T[below + step] < bound; arithmetic rather than Where, which ONNX Runtime runs slowly.
+        Probes past the last draw read it instead (no padded copy of T): where it is below the bound
+        too, below may overshoot r - 1, and the search's result is clamped to r - 1 once, at the end."""
+        probe = emit("Min", "probe", [emit("Add", "ahead", [below, step]), last])
+        less = emit("Less", "below_t", [emit("GatherElements", "draw", [targets, probe], {"axis": 1}), bounds])
         return emit("Add", "narrow", [below, emit("Mul", "up", [emit("Cast", "up_i", [less], {"to": itype}), step])])
 
     # Level 1: the table, by the full search over the B + 1 edges (in order).
@@ -198,6 +197,7 @@ def _multinomial_keep(op, const, a64: gs.Variable, valid: gs.Variable, all_valid
     for level in range(levels - 1, -1, -1):
         table = search_round(lambda t, role, ins, attrs=None: op(t, f"table_{role}{level}", ins, attrs),
                              table, const(f"step{level}", 2**level, index_type), edges)
+    table = op("Min", "table", [table, last])
     # Level 2: rounds = ceil(log2(fullest + 1)), steps 2^(rounds-1) .. 1.
     widths = op("Sub", "widths", [op("Slice", "table_hi", [table, const("w1", [1], np.int64),
                                                            const("w_end", [cells + 1], np.int64),
@@ -228,11 +228,7 @@ def _multinomial_keep(op, const, a64: gs.Variable, valid: gs.Variable, all_valid
         "else_branch": gs.Graph(nodes=[gs.Node("Where", inputs=[valid_rows, cell_f, zero_cell], outputs=[finite_cells]),
                                        gs.Node("Cast", inputs=[finite_cells], outputs=[cell_else], attrs={"to": itype})],
                                 outputs=[cell_else], name=f"{cell_f.name}_some_invalid")})
-    # A start above 2^levels - 2^rounds is lowered to it: the answer (at most r - 1) stays within
-    # reach, and no probe passes the padding.
-    start = op("Min", "start", [op("GatherElements", "cell_start", [table, cell], {"axis": 1}), op(
-        "Cast", "start_max", [op("Sub", "start_max_f", [const("padded_len", float(2**levels), np.float64), reach])],
-        {"to": itype})])
+    start = op("GatherElements", "start", [table, cell], {"axis": 1})
     body_nodes: list[gs.Node] = []
 
     def body_op(op_type, role, inputs, attrs=None):
@@ -255,24 +251,24 @@ def _multinomial_keep(op, const, a64: gs.Variable, valid: gs.Variable, all_valid
                     outputs=[cond_out, below_out, step_out], name=f"{start.name}_rounds")
     below = op("Loop", "rounds_loop", [trips, const("go", True, np.bool_), start, first_step], {"body": body})
     below.inputs[0].outputs.append(gs.Variable(f"{start.name}_last_step"))  # the carried step, unused
+    below = op("Min", "below", [below, last])
     # N_j - 1 against N_{j-1} - 1: the row shifted right by one (a negative pad drops its last column).
     before = op("Pad", "before", [below, const("shift", [0, 1, 0, -1], np.int64), const("minus_one_b", -1, index_type)])
     kept = op("Cast", "kept", [op("Greater", "drawn", [below, before])], {"to": _tensor_type(work)})
     return op("Reshape", "keep", [kept, shape])
 
 
-def _sorted_targets(op, const, total: gs.Variable, r: int, options, stream: int) -> gs.Variable:
+def _sorted_targets(op, const, rows: gs.Variable, total: gs.Variable, r: int, options, stream: int) -> gs.Variable:
     """T_k = S * G_k / G_r, k = 0..r-1, with G the running sums of r + 1 exponential variates: r
     sorted uniform positions on [0, S) per example (SPEC.md's canonical sampler), [examples, r] float64.
 
-    Sorted, the draws probe the prefix sums in order, so each search round reads them like a stream
-    instead of at random (on ResNet-18 at batch 32, C is 200 MB: random probes went to memory). The
+    Sorted, they can be searched (the elements' prefix sums, in order, probe them like a stream). The
     variates are float32 (-log of a float32 uniform in [2^-32, 1]: finite, and 0 at most), as the
     kernel's are; their sums are float64. Both sums are negative, so their ratio needs no negation."""
     attrs = {"low": 2.0**-32, "high": 1.0, "dtype": FLOAT}
     if options.seed:
         attrs["seed"] = float(options.seed + stream)
-    like = op("Expand", "like_d", [total, const("draw_dims", [r + 1], np.int64)])
+    like = op("Expand", "like_d", [rows, const("draw_dims", [r + 1], np.int64)])  # rows: [examples, 1] bool
     logs = op("Log", "log_u", [op("RandomUniformLike", "draws", [like], attrs)])  # verify's sign of multinomial
     first = op("Split", "split_last", [logs, const("split_sizes", [r, 1], np.int64)], {"axis": 1})
     last = gs.Variable(f"{first.name}_last")
