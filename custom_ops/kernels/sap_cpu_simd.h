@@ -164,20 +164,22 @@ struct Float32Variates {
     for (int i = 0; i < kBlock; ++i) e[i] = static_cast<double>(f[i]);
   }
   // The variate chunk sums in 32 float64 lanes (a single running sum, or one vector of them, is a
-  // latency chain).
+  // latency chain), from Philox calls of four vectors per word (their round chains run side by side,
+  // as in bernoulli_range_f32). begin is a multiple of kWords (chunks start on multiples of 1024).
   SAP_HD double sum(const StreamKey& key, uint64_t begin, uint64_t end, uint32_t n) const {
-    constexpr int kLanes = 32;
+    constexpr int kWords = 4 * 4 * kU64Lanes, kLanes = 32;
+    static_assert(kCpuVarChunk % kWords == 0 && kWords % kBlock == 0, "whole generator calls per chunk");
     double lanes[kLanes] = {};
     float* out = kept != nullptr ? kept + n * per_example : nullptr;
-    for (uint64_t b = begin; b < end; b += kBlock) {
-      alignas(64) uint32_t w[kBlock];
-      alignas(64) float f[kBlock];
-      philox_words(key, b >> 2, n, w);
-      words_to_variates(w, f);
-      const int len = end - b < static_cast<uint64_t>(kBlock) ? static_cast<int>(end - b) : kBlock;
-      for (int i = len; i < kBlock; ++i) f[i] = 0.0f;
+    for (uint64_t b = begin; b < end; b += kWords) {
+      alignas(64) uint32_t w[kWords];
+      alignas(64) float f[kWords];
+      philox_words<kWords>(key, b >> 2, n, w);
+      for (int j = 0; j < kWords; j += kBlock) words_to_variates(w + j, f + j);
+      const int len = end - b < static_cast<uint64_t>(kWords) ? static_cast<int>(end - b) : kWords;
+      for (int i = len; i < kWords; ++i) f[i] = 0.0f;
       if (out != nullptr) memcpy(out + b, f, static_cast<size_t>(len) * sizeof(float));
-      for (int i = 0; i < kBlock; i += kLanes) {
+      for (int i = 0; i < kWords; i += kLanes) {
         for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(f[i + l]);
       }
     }
