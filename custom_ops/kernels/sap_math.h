@@ -480,11 +480,9 @@ SAP_HD void multinomial_range(const T* x, T* y, int64_t begin, int64_t end, doub
       c += a[i];
       bound[i] = c;
       hit[i] = 0;
-      if (a[i] > 0.0) {
-        last_nonzero = b + i;
-        last_x = xs[i];
-      }
+      if (a[i] > 0.0) last_nonzero = b + i;  // a select, not a branch on every other element
     }
+    if (last_nonzero >= b) last_x = xs[last_nonzero - b];
     for (int i = len; i < kBlock; ++i) bound[i] = INFINITY;
     double tops[kGroups];
     for (int g = 0; g < kGroups; ++g) tops[g] = bound[g * kGroup + kGroup - 1];
