@@ -563,7 +563,10 @@ void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double 
     for (int i = 0; i < kBlock; ++i) a[i] = fabs(static_cast<double>(xs[i]));
     const double c_run = c;
     c = prefix_sums(a, c, bound);
-    const double c_last = bound[len - 1];
+    // A middle chunk owns the samples below c_end (phase 2's prefix), and the next chunk those from
+    // it on: where this scan's rounding overshoots c_end, a sample between the two would be placed by
+    // both chunks, two keeps for one draw (SPEC.md: at most r distinct kept).
+    const double c_last = last_chunk ? bound[len - 1] : fmin(bound[len - 1], c_end);
     for (int i = len; i < kBlock + kGroup; ++i) bound[i] = INFINITY;
     for (int i = 0; i < kBlock + kGroup; ++i) hit[i] = 0;
     bool any = false;
