@@ -153,6 +153,9 @@ struct Float32Variates {
   float* kept = nullptr;
   uint64_t per_example = 0;  // r + 1
 
+  // Example n's kept variates, or nullptr when the call does not keep them.
+  SAP_HD float* kept_of(uint32_t n) const { return kept != nullptr ? kept + n * per_example : nullptr; }
+
   SAP_HD static void words_to_variates(const uint32_t* w, float* e) {
     for (int i = 0; i < kBlock; ++i) e[i] = neg_logf(__builtin_fmaf(static_cast<float>(w[i]), 2.3283064e-10f, 1.1641532e-10f));
   }
@@ -170,7 +173,7 @@ struct Float32Variates {
     constexpr int kWords = 4 * 4 * kU64Lanes, kLanes = 32;
     static_assert(kCpuVarChunk % kWords == 0 && kWords % kBlock == 0, "whole generator calls per chunk");
     double lanes[kLanes] = {};
-    float* out = kept != nullptr ? kept + n * per_example : nullptr;
+    float* out = kept_of(n);
     for (uint64_t b = begin; b < end; b += kWords) {
       alignas(64) uint32_t w[kWords];
       alignas(64) float f[kWords];
@@ -648,7 +651,7 @@ template <typename T>
 void multinomial_apply_f32(const Layout& l, const T* x, T* y, const double* scratch, const StreamKey& key,
                            const Float32Variates& variates, int64_t t) {
   const int64_t n = t / l.elem_chunks, ch = t % l.elem_chunks;
-  const int64_t begin = ch * l.chunk, end = begin + l.chunk < l.m ? begin + l.chunk : l.m;
+  const int64_t begin = l.chunk_begin(ch), end = l.chunk_end(ch);
   const double* c_before = scratch + n * l.c_stride();
   const double sum = c_before[l.elem_chunks];
   const double r = static_cast<double>(l.r);
@@ -659,10 +662,23 @@ void multinomial_apply_f32(const Layout& l, const T* x, T* y, const double* scra
   }
   const double* g_before = scratch + l.examples * l.c_stride() + n * l.g_stride();
   SampleBlock sb{g_before, l.var_chunk, l.var_chunks, 1.0 / g_before[l.var_chunks], sum, l.r, &key,
-                 static_cast<uint32_t>(n), variates.kept != nullptr ? variates.kept + n * variates.per_example : nullptr,
-                 0, 0.0, {}};
+                 static_cast<uint32_t>(n), variates.kept_of(static_cast<uint32_t>(n)), 0, 0.0, {}};
   multinomial_range_f32(x + n * l.m, y + n * l.m, begin, end, c_before[ch], c_before[ch + 1], ch + 1 == l.elem_chunks,
                         sb, keep, r);
+}
+
+// Apply task t in bernoulli mode for float32/float16 data.
+template <typename T>
+void bernoulli_apply_f32(const Layout& l, const T* x, T* y, const double* scratch, const StreamKey& key, int64_t t) {
+  const int64_t n = t / l.elem_chunks, ch = t % l.elem_chunks;
+  const int64_t begin = l.chunk_begin(ch), end = l.chunk_end(ch);
+  const double sum = scratch[n * l.c_stride() + l.elem_chunks];
+  if (sum_is_usable(sum)) {
+    bernoulli_range_f32(x + n * l.m, y + n * l.m, begin, end, sum, static_cast<double>(l.r), key,
+                        static_cast<uint32_t>(n));
+  } else {
+    copy_range(x + n * l.m, y + n * l.m, begin, end);
+  }
 }
 
 template <typename T>
@@ -684,25 +700,12 @@ struct SimdCall {
   static void apply(void* self, size_t t) {
     auto* c = static_cast<SimdCall*>(self);
     const Layout& l = *c->layout;
+    const int64_t task = static_cast<int64_t>(t);
     if constexpr (sizeof(T) != sizeof(double)) {
-      if (l.mode == Mode::kBernoulli) {
-        const int64_t n = static_cast<int64_t>(t) / l.elem_chunks, ch = static_cast<int64_t>(t) % l.elem_chunks;
-        const int64_t begin = ch * l.chunk, end = begin + l.chunk < l.m ? begin + l.chunk : l.m;
-        const T* xn = c->x + n * l.m;
-        T* yn = c->y + n * l.m;
-        const double sum = c->scratch[n * l.c_stride() + l.elem_chunks];
-        if (sum_is_usable(sum)) {
-          bernoulli_range_f32(xn, yn, begin, end, sum, static_cast<double>(l.r), *c->key, static_cast<uint32_t>(n));
-        } else {
-          copy_range(xn, yn, begin, end);
-        }
-        return;
-      }
+      if (l.mode == Mode::kBernoulli) return bernoulli_apply_f32(l, c->x, c->y, c->scratch, *c->key, task);
+      return multinomial_apply_f32(l, c->x, c->y, c->scratch, *c->key, c->variates, task);
     }
-    if constexpr (sizeof(T) != sizeof(double)) {
-      return multinomial_apply_f32(l, c->x, c->y, c->scratch, *c->key, c->variates, static_cast<int64_t>(t));
-    }
-    apply_task<T, Variates>(l, c->x, c->y, c->scratch, *c->key, static_cast<int64_t>(t));
+    apply_task<T, Variates>(l, c->x, c->y, c->scratch, *c->key, task);
   }
 };
 

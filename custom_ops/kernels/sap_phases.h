@@ -33,6 +33,9 @@ struct Layout {
   SAP_HD int64_t scratch_doubles() const { return scratch_size; }
   SAP_HD int64_t partial_tasks() const { return examples * (elem_chunks + var_chunks); }
   SAP_HD int64_t apply_tasks() const { return examples * elem_chunks; }
+  // Element chunk c of an example: elements [chunk_begin(c), chunk_end(c)).
+  SAP_HD int64_t chunk_begin(int64_t c) const { return c * chunk; }
+  SAP_HD int64_t chunk_end(int64_t c) const { return c * chunk + chunk < m ? c * chunk + chunk : m; }
 };
 
 // Fills `l` for N examples of m elements and r samples. Returns false when a size would not fit in
@@ -63,7 +66,7 @@ SAP_HD void partial_sum_task(const Layout& l, const T* x, double* scratch, const
   const int64_t elem_tasks = l.examples * l.elem_chunks;
   if (t < elem_tasks) {
     const int64_t n = t / l.elem_chunks, c = t % l.elem_chunks;
-    const int64_t begin = c * l.chunk, end = begin + l.chunk < l.m ? begin + l.chunk : l.m;
+    const int64_t begin = l.chunk_begin(c), end = l.chunk_end(c);
     c_before[n * l.c_stride() + c + 1] = abs_sum(x + n * l.m, begin, end);
   } else {
     const int64_t u = t - elem_tasks;
@@ -95,7 +98,7 @@ SAP_HD void prefix_task(const Layout& l, double* scratch, int64_t n) {
 template <typename T, typename V = Float64Variates>
 SAP_HD void apply_task(const Layout& l, const T* x, T* y, const double* scratch, const StreamKey& key, int64_t t) {
   const int64_t n = t / l.elem_chunks, c = t % l.elem_chunks;
-  const int64_t begin = c * l.chunk, end = begin + l.chunk < l.m ? begin + l.chunk : l.m;
+  const int64_t begin = l.chunk_begin(c), end = l.chunk_end(c);
   const T* xn = x + n * l.m;
   T* yn = y + n * l.m;
   const double* c_before = scratch + n * l.c_stride();
