@@ -354,8 +354,9 @@ def evaluate(original: onnx.ModelProto | None, hardened: onnx.ModelProto, x: np.
     return {"examples": int(len(x)), "config": asdict(opts), "models": summarize(results, y, opts)}
 
 
-def plot(result: dict, path: Path) -> None:
-    """Accuracy vs epsilon, per attack and worst case, both models (needs matplotlib)."""
+def accuracy_axes(figsize: tuple[float, float]):
+    """A figure and axes for an accuracy plot (matplotlib's Agg backend), or the one-line error that
+    names the extra to install."""
     try:
         import matplotlib
 
@@ -363,18 +364,31 @@ def plot(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise OnnxSapError("--plot needs matplotlib: pip install matplotlib (or onnx-sap[plot])") from None
+    return plt.subplots(figsize=figsize)
+
+
+def save_accuracy_plot(fig, ax, path: Path, *, xlabel: str, title: str, legend_size: int, dpi: int) -> None:
+    """What evaluate's and sweep's plots share: accuracy on [0, 1.02], grid, legend, title, the file."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, ncol=2)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Accuracy vs epsilon, per attack and worst case, both models (needs matplotlib)."""
     eps = result["config"]["eps"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = accuracy_axes((7, 4.5))
     for name, style in (("original", "--"), ("hardened", "-")):
         for attack, values in result["models"][name]["accuracy"].items():
             ax.plot(eps, [values[f"{e:g}"] for e in eps], style, marker="o",
                     linewidth=3 if attack == "worst" else 1.2, label=f"{name}: {attack}")
-    ax.set_xlabel("L-inf epsilon")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    ax.set_title(f"Robust accuracy ({result['examples']} examples; worst = survives every attack)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_accuracy_plot(fig, ax, path, xlabel="L-inf epsilon", legend_size=8, dpi=120,
+                       title=f"Robust accuracy ({result['examples']} examples; worst = survives every attack)")

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import OnnxSapError, OptionError
+from .errors import OptionError
 from .distributed import InProcess, open_executor, parse_scheduler
-from .evaluate import (EvaluateOptions, EvaluateProgress, ModelRef, Shard, make_shards, prepare, run_shards,
-                       shard_sap_seed, summarize)
+from .evaluate import (EvaluateOptions, EvaluateProgress, ModelRef, Shard, accuracy_axes, make_shards, prepare,
+                       run_shards, save_accuracy_plot, shard_sap_seed, summarize)
 from .metrics import Classifier, expected_calibration_error, score
 from .reference import sample_count
 from .rewrite import MODES, HardenOptions, harden_model
@@ -170,14 +170,7 @@ def sweep(original: onnx.ModelProto, x: np.ndarray, y: np.ndarray, options: Swee
 def plot_sweep(result: SweepResult, path: Path) -> None:
     """Clean (majority) and worst-case accuracy against ratio, one colour per mode and ensemble size,
     the original as grey lines (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise OnnxSapError("--plot needs matplotlib: pip install matplotlib (or onnx-sap[plot])") from None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = accuracy_axes((7, 4.2))
     orig = result.rows[0]
     eps_keys = list(orig.worst)
     ax.axhline(orig.clean_multi, color="grey", linewidth=1.5, label="original: clean")
@@ -196,15 +189,9 @@ def plot_sweep(result: SweepResult, path: Path) -> None:
             ax.plot(ratios, [r.worst[e] for r in rows], ":s" if j else "--s", color=line.get_color(),
                     label=f"{name}: worst case, eps {e}")
     ax.set_xscale("log")
-    ax.set_xlabel("SAP ratio (samples per example / activations; smaller = more pruning)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"sweep: {result.examples} examples; clean = majority of {result.evaluate_options.passes} runs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_accuracy_plot(fig, ax, path, xlabel="SAP ratio (samples per example / activations; smaller = more pruning)",
+                       title=f"sweep: {result.examples} examples; clean = majority of {result.evaluate_options.passes} "
+                             "runs", legend_size=7, dpi=100)
 
 
 # ---------------------------------------------------------------------------------------------
