@@ -144,12 +144,18 @@ def _static_m(x: gs.Variable, axis: int) -> int | None:
     return int(np.prod([int(d) for d in x.shape[axis:]], dtype=np.int64))
 
 
-def _uniform_words(op, a: gs.Variable, options, stream: int, dtype) -> gs.Variable:
-    """Uniform values on [0, 2^64) of type dtype, shaped like a, from RandomUniformLike."""
-    attrs = {"high": 2.0**64, "dtype": _tensor_type(dtype)}
+def _random_attrs(options, stream: int, **attrs) -> dict:
+    """RandomUniformLike's attributes, with a seed only for a seeded SAP node (--seed: the node's
+    stream offsets it); unseeded, the node draws from the runtime's own stream."""
     if options.seed:
         attrs["seed"] = float(options.seed + stream)
-    return op("RandomUniformLike", "u", [a], attrs)  # verify tells the modes apart by this role ("draws")
+    return attrs
+
+
+def _uniform_words(op, a: gs.Variable, options, stream: int, dtype) -> gs.Variable:
+    """Uniform values on [0, 2^64) of type dtype, shaped like a, from RandomUniformLike."""
+    # verify tells the modes apart by this role ("u"; multinomial's is "draws")
+    return op("RandomUniformLike", "u", [a], _random_attrs(options, stream, high=2.0**64, dtype=_tensor_type(dtype)))
 
 
 def _multinomial_keep(op, const, a64: gs.Variable, valid: gs.Variable, all_valid: gs.Variable, shape: gs.Variable,
@@ -265,9 +271,7 @@ def _sorted_targets(op, const, rows: gs.Variable, total: gs.Variable, r: int, op
     Sorted, they can be searched (the elements' prefix sums, in order, probe them like a stream). The
     variates are float32 (-log of a float32 uniform in [2^-32, 1]: finite, and 0 at most), as the
     kernel's are; their sums are float64. Both sums are negative, so their ratio needs no negation."""
-    attrs = {"low": 2.0**-32, "high": 1.0, "dtype": FLOAT}
-    if options.seed:
-        attrs["seed"] = float(options.seed + stream)
+    attrs = _random_attrs(options, stream, low=2.0**-32, high=1.0, dtype=FLOAT)
     like = op("Expand", "like_d", [rows, const("draw_dims", [r + 1], np.int64)])  # rows: [examples, 1] bool
     logs = op("Log", "log_u", [op("RandomUniformLike", "draws", [like], attrs)])  # verify's sign of multinomial
     first = op("Split", "split_last", [logs, const("split_sizes", [r, 1], np.int64)], {"axis": 1})
