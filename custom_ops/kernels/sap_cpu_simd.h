@@ -383,13 +383,20 @@ void bernoulli_range_f32(const T* x, T* y, int64_t begin, int64_t end, double su
 }
 
 // ---------------------------------------------------------------------------------------------
-// Multinomial mode for float32/float16 data. Per run of kBlock elements: the prefix sums C (float64,
-// a log-step scan per vector), the samples whose positions fall below the run's last C (a count of
-// the sorted positions, a vector at a time), each sample's element by two vector compares and
-// popcounts (the groups' last bounds, then one group's eight bounds), then KeepF32's q and y. Sample
-// positions come a block of kBlock at a time: float32 variates, their float64 running sums G (the
-// same scan) from the variate chunk table, T_k * S. Every quantity is a fixed function of the stream
-// position or element index, not of the chunking, so each sample is seen by the chunk that owns it.
+// Multinomial mode for float32/float16 data. A chunk's positions and bounds are compared in float32,
+// relative to C before the chunk (the chunk's `origin`): a chunk's mass is at most S, so that moves a
+// decision only where a position is within about 2^-22 of S of a bound, far inside SPEC.md's 1e-5
+// band. Each sample is still placed exactly once: which chunk owns it is decided in float64 against
+// phase 2's prefix (SampleWindow), and which run of the chunk by the same float32 values on both
+// sides of a run boundary.
+//
+// Per run of kBlock elements: the float32 prefix sums of |x| (a log-step scan), the window's samples
+// below the run's last bound (one count), each sample's element by RunSearch, then KeepF32's q and
+// y. Sample positions come a block of kBlock at a time (SampleBlock): float32 variates, their float64
+// running sums G from the variate chunk table, T_k * S; the window holds two blocks, so that a run's
+// samples are one range of it and are placed by one call. Every quantity is a fixed function of the
+// stream position or element index, not of the chunking, so each sample is seen by the chunk that
+// owns it.
 
 #if defined(__AVX512F__)
 // out[i] = carry + in[0] + ... + in[i] for i < kBlock, returned out[kBlock - 1]. Each vector is scanned
@@ -412,10 +419,6 @@ SAP_HD double prefix_sums(const double* in, double carry, double* out) {
     carry = out[8 * v + 7];
   }
   return carry;
-}
-// How many of the 8 doubles at v are <= p.
-SAP_HD int count_le8(const double* v, double p) {
-  return __builtin_popcount(_mm512_cmp_pd_mask(_mm512_loadu_pd(v), _mm512_set1_pd(p), _CMP_LE_OQ));
 }
 // How many of the kBlock doubles at v are < p.
 SAP_HD int count_lt_block(const double* v, double p) {
@@ -441,12 +444,6 @@ SAP_HD double prefix_sums(const double* in, double carry, double* out) {
   }
   return carry;
 }
-SAP_HD int count_le8(const double* v, double p) {
-  const __m256d pp = _mm256_set1_pd(p);
-  const int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(v), pp, _CMP_LE_OQ));
-  const int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(v + 4), pp, _CMP_LE_OQ));
-  return __builtin_popcount(static_cast<unsigned>(lo | hi << 4));
-}
 SAP_HD int count_lt_block(const double* v, double p) {
   const __m256d pp = _mm256_set1_pd(p);
   int n = 0;
@@ -454,7 +451,57 @@ SAP_HD int count_lt_block(const double* v, double p) {
   return n;
 }
 #endif
-static_assert(kGroup == 8 && kGroups == 8, "the sample search compares 8 bounds at a time");
+
+#if defined(__AVX512F__)
+// out[i] = carry + in[0] + ... + in[i] for the kBlock floats in, returned out[kBlock - 1]: a log-step
+// scan per vector, the vectors' carries chained. Rounding may dip out[] by an ulp where in[i] = 0;
+// the search stays in bounds whatever the order (RunSearch).
+SAP_HD float prefix_sums_f32(const float* in, float carry, float* out) {
+  const __m512i zero = _mm512_setzero_si512();
+  for (int v = 0; v < kBlock / 16; ++v) {
+    __m512 x = _mm512_loadu_ps(in + 16 * v);
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 15)));
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 14)));
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 12)));
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 8)));
+    _mm512_storeu_ps(out + 16 * v, _mm512_add_ps(x, _mm512_set1_ps(carry)));
+    carry = out[16 * v + 15];
+  }
+  return carry;
+}
+// How many of the n floats at v (n a multiple of 16) are < p.
+SAP_HD int count_lt_f32(const float* v, int n, float p) {
+  const __m512 pp = _mm512_set1_ps(p);
+  int c = 0;
+  for (int i = 0; i < n; i += 16) c += __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), pp, _CMP_LT_OQ));
+  return c;
+}
+#else
+SAP_HD float prefix_sums_f32(const float* in, float carry, float* out) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int v = 0; v < kBlock / 8; ++v) {
+    __m256 x = _mm256_loadu_ps(in + 8 * v);
+    // Shifts across the two 128-bit halves: (0, x0..x6), then (0, 0, x0..x5), then (0 x4, x0..x3).
+    __m256 t = _mm256_permute2f128_ps(x, x, 0x08);  // (0, 0, 0, 0, x0, x1, x2, x3)
+    x = _mm256_add_ps(x, _mm256_castsi256_ps(_mm256_alignr_epi8(_mm256_castps_si256(x), _mm256_castps_si256(t), 12)));
+    t = _mm256_permute2f128_ps(x, x, 0x08);
+    x = _mm256_add_ps(x, _mm256_castsi256_ps(_mm256_alignr_epi8(_mm256_castps_si256(x), _mm256_castps_si256(t), 8)));
+    x = _mm256_add_ps(x, _mm256_permute2f128_ps(x, x, 0x08));
+    (void)zero;
+    _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(x, _mm256_set1_ps(carry)));
+    carry = out[8 * v + 7];
+  }
+  return carry;
+}
+SAP_HD int count_lt_f32(const float* v, int n, float p) {
+  const __m256 pp = _mm256_set1_ps(p);
+  int c = 0;
+  for (int i = 0; i < n; i += 8) {
+    c += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + i), pp, _CMP_LT_OQ))));
+  }
+  return c;
+}
+#endif
 
 // Bit i set where xs[i] != 0, for a run of kBlock floats.
 SAP_HD uint64_t nonzero_mask(const float* xs) {
@@ -472,22 +519,34 @@ SAP_HD uint64_t nonzero_mask(const float* xs) {
   return m;
 }
 
+// hit[i] = bit i of m, for a run of kBlock (so that the loops reading it vectorize).
+SAP_HD void expand_mask(uint64_t m, uint32_t* hit) {
+#if defined(__AVX512F__)
+  for (int i = 0; i < kBlock; i += 16) {
+    _mm512_storeu_si512(hit + i, _mm512_maskz_set1_epi32(static_cast<__mmask16>(m >> i), 1));
+  }
+#else
+  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int i = 0; i < kBlock; i += 8) {
+    const __m256i b = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((m >> i) & 0xFF)), bits);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hit + i), _mm256_srli_epi32(_mm256_cmpeq_epi32(b, bits), 31));
+  }
+#endif
+}
+
 #if defined(__AVX512F__)
 // AVX-512's sample search: 16 samples at a time, branch-free, in three 4-way steps over a run's 64
 // bounds (16 elements, 4, 1: three compares each, against pivots picked from registers by vpermps),
 // each sample's element set as one bit of a 64-bit mask by variable shifts. Three short steps rather
-// than six binary ones: the search is a dependency chain. Bounds and positions are compared in
-// float32, relative to the run's start: that moves a decision only where a position is within a
-// float32 ulp of the run's mass (at most 6e-8 of S) of a bound, inside SPEC.md's 1e-5 band. For
-// sorted bounds the result is the count of bounds <= the position, as count_le8's two levels.
+// than six binary ones: the search is a dependency chain. For sorted bounds the result is the count of
+// bounds <= the position; bound[63] is never a pivot, so an ulp dip cannot take it past 63.
 struct RunSearch {
-  __m512d base;  // C before the run
   __m512 col[4];  // col[c][q] = bound[4q + c]
 
-  // bound: the run's kBlock bounds, sorted but for ulp dips (+inf past the run's end).
-  SAP_HD RunSearch(const double* bound, double c_before) : base(_mm512_set1_pd(c_before)) {
+  // bound: the run's kBlock float32 bounds (+inf past the run's end).
+  SAP_HD explicit RunSearch(const float* bound) {
     __m512 b[4];
-    for (int v = 0; v < 4; ++v) b[v] = relative(bound + 16 * v, 0xFFFF);
+    for (int v = 0; v < 4; ++v) b[v] = _mm512_loadu_ps(bound + 16 * v);
     for (int c = 0; c < 4; ++c) {
       const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0),
                                            _mm512_set1_epi32(c));
@@ -495,13 +554,6 @@ struct RunSearch {
       col[c] = _mm512_shuffle_f32x4(_mm512_permutex2var_ps(b[0], idx, b[1]), _mm512_permutex2var_ps(b[2], idx, b[3]),
                                     0x44);
     }
-  }
-
-  // float32 of v[i] - base for the 16 doubles at v (lanes outside `live` are not read).
-  SAP_HD __m512 relative(const double* v, __mmask16 live) const {
-    const __m256 lo = _mm512_cvtpd_ps(_mm512_sub_pd(_mm512_maskz_loadu_pd(static_cast<__mmask8>(live), v), base));
-    const __m256 hi = _mm512_cvtpd_ps(_mm512_sub_pd(_mm512_maskz_loadu_pd(static_cast<__mmask8>(live >> 8), v + 8), base));
-    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
   }
 
   // i + step for each of the pivots piv[0..2] <= p.
@@ -513,7 +565,7 @@ struct RunSearch {
   }
 
   // The elements hit by samples pos[t0 .. t1), as a mask over the run's 64 elements.
-  SAP_HD uint64_t place(const double* pos, int t0, int t1) const {
+  SAP_HD uint64_t place(const float* pos, int t0, int t1) const {
     const __m512i one = _mm512_set1_epi32(1);
     const __m512 top[3] = {_mm512_permutexvar_ps(_mm512_set1_epi32(3), col[3]),   // bound[15]
                            _mm512_permutexvar_ps(_mm512_set1_epi32(7), col[3]),   // bound[31]
@@ -521,7 +573,7 @@ struct RunSearch {
     __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
     for (int t = t0; t < t1; t += 16) {
       const __mmask16 live = static_cast<__mmask16>(t1 - t >= 16 ? 0xFFFF : (1u << (t1 - t)) - 1);
-      const __m512 p = relative(pos + t, live);
+      const __m512 p = _mm512_maskz_loadu_ps(live, pos + t);
       __m512i i = add_le(_mm512_setzero_si512(), top, p, _mm512_set1_epi32(16));
       __m512i q = _mm512_srli_epi32(i, 2);  // 4 x the 16-element block: bound[16g + 3, 7, 11] = col[3][4g + 0, 1, 2]
       const __m512 mid[3] = {_mm512_permutexvar_ps(q, col[3]), _mm512_permutexvar_ps(_mm512_add_epi32(q, one), col[3]),
@@ -537,6 +589,31 @@ struct RunSearch {
     }
     return static_cast<uint32_t>(_mm512_reduce_or_epi32(lo)) |
            static_cast<uint64_t>(static_cast<uint32_t>(_mm512_reduce_or_epi32(hi))) << 32;
+  }
+};
+#else
+// AVX2's sample search, one sample at a time: its group of 8 elements by one compare of the groups'
+// last bounds, then its element by one compare of that group's bounds (capped at 63, so that an ulp
+// dip of the scan cannot index past the run).
+struct RunSearch {
+  const float* bound;
+  alignas(32) float tops[kGroups];
+
+  SAP_HD explicit RunSearch(const float* b) : bound(b) {
+    for (int g = 0; g < kGroups; ++g) tops[g] = b[g * kGroup + kGroup - 1];
+  }
+  SAP_HD static int count_le8(const float* v, float p) {
+    return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v), _mm256_set1_ps(p), _CMP_LE_OQ))));
+  }
+  SAP_HD uint64_t place(const float* pos, int t0, int t1) const {
+    uint64_t hits = 0;
+    for (int t = t0; t < t1; ++t) {
+      int g = count_le8(tops, pos[t]);
+      g = g < kGroups - 1 ? g : kGroups - 1;
+      const int i = g * kGroup + count_le8(bound + g * kGroup, pos[t]);
+      hits |= uint64_t{1} << (i < kBlock ? i : kBlock - 1);
+    }
+    return hits;
   }
 };
 #endif
@@ -594,93 +671,120 @@ struct SampleBlock {
   }
 };
 
+// The samples a chunk owns, as float32 positions relative to its origin, two blocks of kBlock at a
+// time. The chunk owns the samples from the first at or after C before it (SampleBlock::seek) to the
+// last below C after it (phase 2's prefix, compared in float64); the last chunk of an example also
+// owns those past its last bound (rounding only).
+struct SampleWindow {
+  SampleBlock& sb;
+  double origin;    // C before the chunk
+  double c_end;     // C after the chunk (unused for the last chunk)
+  bool last_chunk;
+  uint64_t first;   // sample index of pos[0]
+  int size = 0;     // owned samples in pos[]; +inf after them
+  bool more = false;  // whether the chunk may own samples past pos[2 * kBlock - 1]
+  alignas(64) float pos[2 * kBlock];
+
+  // Starts at the block sb holds (after seek).
+  SampleWindow(SampleBlock& s, double c_begin, double c_end_, bool last) : sb(s), origin(c_begin), c_end(c_end_),
+                                                                          last_chunk(last), first(s.base) {
+    append(0);
+    if (more) {
+      sb.next();
+      append(kBlock);
+    } else {
+      for (int i = kBlock; i < 2 * kBlock; ++i) pos[i] = INFINITY;
+    }
+  }
+  // Copies the block sb holds into pos[at ..].
+  SAP_HD void append(int at) {
+    const uint64_t left = sb.r - sb.base;
+    int n = left < static_cast<uint64_t>(kBlock) ? static_cast<int>(left) : kBlock;
+    if (!last_chunk) {
+      const int below = count_lt_block(sb.pos, c_end);  // the rest belong to the next chunk
+      n = below < n ? below : n;
+    }
+    for (int i = 0; i < kBlock; ++i) pos[at + i] = i < n ? static_cast<float>(sb.pos[i] - origin) : INFINITY;
+    size = at + n;
+    more = n == kBlock && sb.base + kBlock < sb.r;
+  }
+  // Drops the first block and appends the next one, if the chunk owns any of it.
+  SAP_HD void slide() {
+    memcpy(pos, pos + kBlock, kBlock * sizeof(float));
+    first += kBlock;
+    size -= kBlock;
+    if (more) {
+      sb.next();
+      append(kBlock);
+    } else {
+      for (int i = kBlock; i < 2 * kBlock; ++i) pos[i] = INFINITY;
+    }
+  }
+};
+
 // Multinomial mode on elements [begin, end) of one example (begin a multiple of kBlock), whose C runs
 // from c_begin to c_end; the last chunk of an example also takes the samples past its last bound.
 template <typename T>
 void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double c_begin, double c_end,
                            bool last_chunk, SampleBlock& sb, const KeepF32& keep, double r) {
-  const uint64_t r_count = sb.r;
-  uint64_t k = sb.seek(c_begin);
-  if (k >= r_count || (!last_chunk && sb.pos[k - sb.base] >= c_end)) {  // this chunk owns no samples
+  const uint64_t k0 = sb.seek(c_begin);
+  if (k0 >= sb.r || (!last_chunk && sb.pos[k0 - sb.base] >= c_end)) {  // this chunk owns no samples
     memset(static_cast<void*>(y + begin), 0, static_cast<size_t>(end - begin) * sizeof(T));
     return;
   }
+  SampleWindow win(sb, c_begin, c_end, last_chunk);
+  int t = static_cast<int>(k0 - win.first);  // the next sample to place, as an index of win.pos
   const float top = static_cast<float>(max_finite(static_cast<const T*>(nullptr)));
-  double c = c_begin;
+  double c = 0;  // C before the run, relative to c_begin
   // The chunk's last element with a_j > 0 and its x, read before y is written (y may be x's buffer).
   int64_t last_nonzero = -1;
   float last_x = 0.0f;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int len = end - b < kBlock ? static_cast<int>(end - b) : kBlock;
-    alignas(64) float xs[kBlock], q[kBlock], v[kBlock];
-    alignas(64) double a[kBlock], bound[kBlock + kGroup];
-    alignas(64) uint32_t hit[kBlock + kGroup];
+    alignas(64) float xs[kBlock], a[kBlock], bound[kBlock], q[kBlock], v[kBlock];
     load_run(x + b, len, xs);
-    if (const uint64_t nz = nonzero_mask(xs)) {  // zero past len
+    const uint64_t nz = nonzero_mask(xs);  // zero past len
+    if (nz != 0) {
       const int i = 63 - __builtin_clzll(nz);
       last_nonzero = b + i;
       last_x = xs[i];
     }
-    for (int i = 0; i < kBlock; ++i) a[i] = fabs(static_cast<double>(xs[i]));
-    const double c_run = c;
-    c = prefix_sums(a, c, bound);
-    // A middle chunk owns the samples below c_end (phase 2's prefix), and the next chunk those from
-    // it on: where this scan's rounding overshoots c_end, a sample between the two would be placed by
-    // both chunks, two keeps for one draw (SPEC.md: at most r distinct kept).
-    const double c_last = last_chunk ? bound[len - 1] : fmin(bound[len - 1], c_end);
-    for (int i = len; i < kBlock + kGroup; ++i) bound[i] = INFINITY;
-    for (int i = 0; i < kBlock + kGroup; ++i) hit[i] = 0;
-    bool any = false;
-#if defined(__AVX512F__)
-    const RunSearch search(bound, c_run);
+    for (int i = 0; i < kBlock; ++i) a[i] = fabsf(xs[i]);
+    const float mass = prefix_sums_f32(a, static_cast<float>(c), bound);
+    c += static_cast<double>(mass) - static_cast<double>(static_cast<float>(c));  // the run's own sum, rounded once
+    for (int i = len; i < kBlock; ++i) bound[i] = INFINITY;
+    const float last = bound[len - 1];
     uint64_t hits = 0;
-#else
-    alignas(64) double tops[kGroups];
-    for (int g = 0; g < kGroups; ++g) tops[g] = bound[g * kGroup + kGroup - 1];
-#endif
-    // Invariant: k < r_count and k - sb.base < kBlock, or k >= r_count.
-    while (k < r_count) {
-      const int t0 = static_cast<int>(k - sb.base);
-      const uint64_t left = r_count - sb.base;
-      const int below = count_lt_block(sb.pos, c_last);
-      const int t1 = left < static_cast<uint64_t>(below) ? static_cast<int>(left) : below;
-#if defined(__AVX512F__)
-      hits |= search.place(sb.pos, t0, t1);
-#else
-      for (int t = t0; t < t1; ++t) {
-        // Sample t's element: the number of bounds <= its position. The group count is capped at the
-        // last group, so that an ulp dip of the scans (see prefix_sums) cannot index past hit[].
-        const double pt = sb.pos[t];
-        int g = count_le8(tops, pt);
-        g = g < kGroups - 1 ? g : kGroups - 1;
-        hit[g * kGroup + count_le8(bound + g * kGroup, pt)] = 1;
+    if (t < win.size) {
+      const RunSearch search(bound);
+      for (;;) {
+        int t1 = count_lt_f32(win.pos, 2 * kBlock, last);  // the window is sorted, +inf past size
+        t1 = t1 > t ? t1 : t;
+        hits |= search.place(win.pos, t, t1);
+        t = t1;
+        if (t < 2 * kBlock || !win.more) break;
+        win.slide();  // all the window's samples are below this run's end: the next block too may be
+        t -= kBlock;
       }
-#endif
-      if (t1 > t0) {
-        any = true;
-        k = sb.base + static_cast<uint64_t>(t1);
+      if (t >= kBlock && win.more) {  // keep the next run's samples in one range of the window
+        win.slide();
+        t -= kBlock;
       }
-      if (t1 == kBlock && sb.base + kBlock < r_count) {
-        sb.next();
-        continue;
-      }
-      break;
     }
-#if defined(__AVX512F__)
-    for (int i = 0; i < kBlock; i += 16) {
-      _mm512_store_si512(hit + i, _mm512_maskz_set1_epi32(static_cast<__mmask16>(hits >> i), 1));
-    }
-#endif
-    if (!any) {  // no sample landed in this run: zeros, no q
+    hits &= nz;  // a sample on a zero element (a dip of the scan) keeps nothing: y = 0 there anyway
+    if (hits == 0) {  // no sample landed in this run: zeros, no q
       for (int i = 0; i < kBlock; ++i) v[i] = 0.0f;
       store_run(y + b, len, v);
       continue;
     }
+    alignas(64) uint32_t hit[kBlock];
+    expand_mask(hits, hit);
     bool wide;
     keep.run(xs, q, wide);
     if (wide) {  // some p >= 1/256 (or an underflowing a * r / S): float64 q for this run
-      double q64[kBlock];
-      keep_probabilities<T>(a, len, sb.sum, r, q64);
+      double a64[kBlock], q64[kBlock];
+      for (int i = 0; i < len; ++i) a64[i] = static_cast<double>(a[i]);
+      keep_probabilities<T>(a64, len, sb.sum, r, q64);
       for (int i = 0; i < len; ++i) {
         const double kept = saturate<T>(static_cast<double>(xs[i]) / (q64[i] > 0.0 ? q64[i] : 1.0));
         store(y, b + i, hit[i] ? kept : 0.0);
@@ -694,10 +798,9 @@ void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double 
     }
     store_run(y + b, len, v);
   }
-  // Samples past the chunk's last bound (rounding only; in a middle chunk, those below c_end) land on
-  // its last element with a_j > 0, as in multinomial_range.
-  const bool leftover = k < r_count && (last_chunk || sb.pos[k - sb.base] < c_end);
-  if (leftover && last_nonzero >= 0) {
+  // Owned samples past the chunk's last bound (rounding only) land on its last element with a_j > 0,
+  // as in multinomial_range.
+  if (t < win.size && last_nonzero >= 0) {
     const double xj = static_cast<double>(last_x);
     store(y, last_nonzero, saturate<T>(xj / keep_probability_of<T>(fabs(xj), sb.sum, r)));
   }
