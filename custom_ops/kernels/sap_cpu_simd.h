@@ -639,7 +639,11 @@ struct SampleBlock {
     if (kept != nullptr) {
       // Variates past r (the last block's tail) are not kept: 0, as phase 1 summed them.
       const uint64_t len = r + 1 - b < static_cast<uint64_t>(kBlock) ? r + 1 - b : static_cast<uint64_t>(kBlock);
-      for (int i = 0; i < kBlock; ++i) e[i] = static_cast<uint64_t>(i) < len ? static_cast<double>(kept[b + i]) : 0.0;
+      if (len == kBlock) {  // all but the last block: a plain conversion, which vectorizes
+        for (int i = 0; i < kBlock; ++i) e[i] = static_cast<double>(kept[b + i]);
+      } else {
+        for (int i = 0; i < kBlock; ++i) e[i] = static_cast<uint64_t>(i) < len ? static_cast<double>(kept[b + i]) : 0.0;
+      }
     } else {
       Float32Variates::run(*key, b >> 2, n, e);
     }
@@ -700,11 +704,13 @@ struct SampleWindow {
   SAP_HD void append(int at) {
     const uint64_t left = sb.r - sb.base;
     int n = left < static_cast<uint64_t>(kBlock) ? static_cast<int>(left) : kBlock;
-    if (!last_chunk) {
+    if (!last_chunk && !(sb.pos[kBlock - 1] < c_end)) {
       const int below = count_lt_block(sb.pos, c_end);  // the rest belong to the next chunk
       n = below < n ? below : n;
     }
-    for (int i = 0; i < kBlock; ++i) pos[at + i] = i < n ? static_cast<float>(sb.pos[i] - origin) : INFINITY;
+    const double o = origin;  // a local: the loop then vectorizes (no full tail of selects)
+    for (int i = 0; i < kBlock; ++i) pos[at + i] = static_cast<float>(sb.pos[i] - o);
+    for (int i = n; i < kBlock; ++i) pos[at + i] = INFINITY;
     size = at + n;
     more = n == kBlock && sb.base + kBlock < sb.r;
   }
