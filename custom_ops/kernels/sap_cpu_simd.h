@@ -193,17 +193,56 @@ SAP_HD VecF neg_log(VecF u) {
   return fnmsub(e, set1f(0.693147182f), fmadd(f * f, q, f));
 }
 
+#if defined(__AVX512F__)
+// out[i] = carry + in[0] + ... + in[i] for the kBlock floats in, returned out[kBlock - 1]: a log-step
+// scan per vector, the vectors' carries chained. Rounding may dip out[] by an ulp where in[i] = 0;
+// the search stays in bounds whatever the order (RunSearch).
+SAP_HD float prefix_sums_f32(const float* in, float carry, float* out) {
+  const __m512i zero = _mm512_setzero_si512();
+  for (int v = 0; v < kBlock / 16; ++v) {
+    __m512 x = _mm512_loadu_ps(in + 16 * v);
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 15)));
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 14)));
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 12)));
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 8)));
+    _mm512_storeu_ps(out + 16 * v, _mm512_add_ps(x, _mm512_set1_ps(carry)));
+    carry = out[16 * v + 15];
+  }
+  return carry;
+}
+#else
+SAP_HD float prefix_sums_f32(const float* in, float carry, float* out) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int v = 0; v < kBlock / 8; ++v) {
+    __m256 x = _mm256_loadu_ps(in + 8 * v);
+    // Shifts across the two 128-bit halves: (0, x0..x6), then (0, 0, x0..x5), then (0 x4, x0..x3).
+    __m256 t = _mm256_permute2f128_ps(x, x, 0x08);  // (0, 0, 0, 0, x0, x1, x2, x3)
+    x = _mm256_add_ps(x, _mm256_castsi256_ps(_mm256_alignr_epi8(_mm256_castps_si256(x), _mm256_castps_si256(t), 12)));
+    t = _mm256_permute2f128_ps(x, x, 0x08);
+    x = _mm256_add_ps(x, _mm256_castsi256_ps(_mm256_alignr_epi8(_mm256_castps_si256(x), _mm256_castps_si256(t), 8)));
+    x = _mm256_add_ps(x, _mm256_permute2f128_ps(x, x, 0x08));
+    (void)zero;
+    _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(x, _mm256_set1_ps(carry)));
+    carry = out[8 * v + 7];
+  }
+  return carry;
+}
+#endif
+
 // The multinomial sampler's variates in float32 for float32/float16 data (SPEC.md allows it): each
 // E_i is within 1.06 (2^-23 E_i + 2^-25) of -log(u_i), the 2^-25 from rounding u near 1 (checked
-// against float64 over all 2^32 words; neg_log alone is within 1.6 2^-24 relative over every float u),
-// so a position T_k * S moves by about 1e-7 of S, far inside the 1e-5 decision band. They are summed
-// in float64 like the float64 variates. With `kept` set, phase 1 also stores them there (kept[n * (r +
-// 1) + i] for variate i of example n), so that phase 3 reads them instead of generating them again.
+// against float64 over all 2^32 words; neg_log alone is within 1.6 2^-24 relative over every float u).
+// Their running sums G are held in two parts: L, the float32 running sums within each block of kBlock
+// variates (prefix_sums_f32, within a few ulps of the block's sum), and the blocks' totals, summed in
+// float64 in stream order: G_k = G before k's block + L_k. A position T_k * S then moves by at most
+// about 3e-7 of S, far inside the 1e-5 decision band. With `kept` set, phase 1 stores L there
+// (kept[n * (r + 1) + i] for variate i of example n), so that phase 3 reads it instead of generating
+// the variates again.
 struct Float32Variates {
   float* kept = nullptr;
   uint64_t per_example = 0;  // r + 1
 
-  // Example n's kept variates, or nullptr when the call does not keep them.
+  // Example n's kept running sums, or nullptr when the call does not keep them.
   SAP_HD float* kept_of(uint32_t n) const { return kept != nullptr ? kept + n * per_example : nullptr; }
 
   // E of `count` words (a multiple of the vector width), u = (w + 1/2) / 2^32 rounded to float32.
@@ -213,6 +252,8 @@ struct Float32Variates {
       store_floats(e + i, neg_log(u));
     }
   }
+  // E of the kBlock variates from Philox block first_block on (SampleCursor's generator interface, for
+  // the float64 fallback of multinomial_apply_f32).
   SAP_HD static void run(const StreamKey& key, uint64_t first_block, uint32_t n, double e[kBlock]) {
     alignas(64) uint32_t w[kBlock];
     alignas(64) float f[kBlock];
@@ -220,34 +261,39 @@ struct Float32Variates {
     words_to_variates(w, kBlock, f);
     for (int i = 0; i < kBlock; ++i) e[i] = static_cast<double>(f[i]);
   }
-  // The variate chunk sums in 32 float64 lanes (a single running sum, or one vector of them, is a
-  // latency chain), from Philox calls of four vectors per word (their round chains run side by side,
-  // as in bernoulli_range_f32). begin is a multiple of kWords (chunks start on multiples of 1024).
+  // L of the kBlock variates from Philox block first_block on.
+  SAP_HD static void running_sums(const StreamKey& key, uint64_t first_block, uint32_t n, float l[kBlock]) {
+    alignas(64) uint32_t w[kBlock];
+    alignas(64) float e[kBlock];
+    philox_words(key, first_block, n, w);
+    words_to_variates(w, kBlock, e);
+    prefix_sums_f32(e, 0.0f, l);
+  }
+  // The variate chunk's sum of E: its blocks' totals, in order, in float64 (phase 3 adds them the same
+  // way), from Philox calls of four vectors per word (their round chains run side by side, as in
+  // bernoulli_range_f32). begin is a multiple of kWords (chunks start on multiples of 1024); variates
+  // past end are 0.
   SAP_HD double sum(const StreamKey& key, uint64_t begin, uint64_t end, uint32_t n) const {
-    constexpr int kWords = 4 * 4 * kU64Lanes, kLanes = 32;
+    constexpr int kWords = 4 * 4 * kU64Lanes;
     static_assert(kCpuVarChunk % kWords == 0 && kWords % kBlock == 0, "whole generator calls per chunk");
-    double lanes[kLanes] = {};
+    double total = 0;
     float* out = kept_of(n);
     for (uint64_t b = begin; b < end; b += kWords) {
       alignas(64) uint32_t w[kWords];
-      alignas(64) float local[kWords];
+      alignas(64) float f[kWords], local[kWords];
       philox_words<kWords>(key, b >> 2, n, w);
-      const int len = end - b < static_cast<uint64_t>(kWords) ? static_cast<int>(end - b) : kWords;
-      // A whole call writes its variates straight to the kept ones and sums them from there.
-      float* f = out != nullptr && len == kWords ? out + b : local;
       words_to_variates(w, kWords, f);
-      if (len < kWords) {
-        for (int i = len; i < kWords; ++i) f[i] = 0.0f;
-        if (out != nullptr) memcpy(out + b, f, static_cast<size_t>(len) * sizeof(float));
+      const int len = end - b < static_cast<uint64_t>(kWords) ? static_cast<int>(end - b) : kWords;
+      for (int i = len; i < kWords; ++i) f[i] = 0.0f;
+      // A whole call writes its running sums straight to the kept ones.
+      float* l = out != nullptr && len == kWords ? out + b : local;
+      for (int j = 0; j < kWords; j += kBlock) {
+        prefix_sums_f32(f + j, 0.0f, l + j);
+        total += static_cast<double>(l[j + kBlock - 1]);
       }
-      for (int i = 0; i < kWords; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(f[i + l]);
-      }
+      if (out != nullptr && len < kWords) memcpy(out + b, l, static_cast<size_t>(len) * sizeof(float));
     }
-    for (int w = kLanes / 2; w > 0; w /= 2) {
-      for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-    }
-    return lanes[0];
+    return total;
   }
 };
 
@@ -399,27 +445,6 @@ void bernoulli_range_f32(const T* x, T* y, int64_t begin, int64_t end, double su
 // owns it.
 
 #if defined(__AVX512F__)
-// out[i] = carry + in[0] + ... + in[i] for i < kBlock, returned out[kBlock - 1]. Each vector is scanned
-// in log steps on its own; only the vectors' carries form a chain (one add per 8 elements, not one
-// per element). The rounding differs from a sequential sum's by ulps: out[] may dip by an ulp where
-// in[i] = 0, which moves only decisions inside SPEC.md's 1e-5 band (the callers stay in bounds).
-SAP_HD double prefix_sums(const double* in, double carry, double* out) {
-  constexpr int V = kBlock / 8;
-  const __m512i zero = _mm512_setzero_si512();
-  __m512d s[V];
-  for (int v = 0; v < V; ++v) {
-    __m512d x = _mm512_loadu_pd(in + 8 * v);
-    x = _mm512_add_pd(x, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(x), zero, 7)));
-    x = _mm512_add_pd(x, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(x), zero, 6)));
-    s[v] = _mm512_add_pd(x, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(x), zero, 4)));
-  }
-  for (int v = 0; v < V; ++v) {
-    const __m512d o = _mm512_add_pd(s[v], _mm512_set1_pd(carry));
-    _mm512_storeu_pd(out + 8 * v, o);
-    carry = out[8 * v + 7];
-  }
-  return carry;
-}
 // How many of the kBlock doubles at v are < p.
 SAP_HD int count_lt_block(const double* v, double p) {
   const __m512d pp = _mm512_set1_pd(p);
@@ -428,22 +453,6 @@ SAP_HD int count_lt_block(const double* v, double p) {
   return n;
 }
 #else
-SAP_HD double prefix_sums(const double* in, double carry, double* out) {
-  constexpr int V = kBlock / 4;
-  const __m256d zero = _mm256_setzero_pd();
-  __m256d s[V];
-  for (int v = 0; v < V; ++v) {
-    __m256d x = _mm256_loadu_pd(in + 4 * v);
-    x = _mm256_add_pd(x, _mm256_blend_pd(_mm256_permute4x64_pd(x, 0x90), zero, 1));  // (0, x0, x1, x2)
-    s[v] = _mm256_add_pd(x, _mm256_permute2f128_pd(x, x, 0x08));                     // + (0, 0, x0, x1)
-  }
-  for (int v = 0; v < V; ++v) {
-    const __m256d o = _mm256_add_pd(s[v], _mm256_set1_pd(carry));
-    _mm256_storeu_pd(out + 4 * v, o);
-    carry = out[4 * v + 3];
-  }
-  return carry;
-}
 SAP_HD int count_lt_block(const double* v, double p) {
   const __m256d pp = _mm256_set1_pd(p);
   int n = 0;
@@ -453,22 +462,6 @@ SAP_HD int count_lt_block(const double* v, double p) {
 #endif
 
 #if defined(__AVX512F__)
-// out[i] = carry + in[0] + ... + in[i] for the kBlock floats in, returned out[kBlock - 1]: a log-step
-// scan per vector, the vectors' carries chained. Rounding may dip out[] by an ulp where in[i] = 0;
-// the search stays in bounds whatever the order (RunSearch).
-SAP_HD float prefix_sums_f32(const float* in, float carry, float* out) {
-  const __m512i zero = _mm512_setzero_si512();
-  for (int v = 0; v < kBlock / 16; ++v) {
-    __m512 x = _mm512_loadu_ps(in + 16 * v);
-    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 15)));
-    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 14)));
-    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 12)));
-    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 8)));
-    _mm512_storeu_ps(out + 16 * v, _mm512_add_ps(x, _mm512_set1_ps(carry)));
-    carry = out[16 * v + 15];
-  }
-  return carry;
-}
 // How many of the n floats at v (n a multiple of 16) are < p.
 SAP_HD int count_lt_f32(const float* v, int n, float p) {
   const __m512 pp = _mm512_set1_ps(p);
@@ -477,22 +470,6 @@ SAP_HD int count_lt_f32(const float* v, int n, float p) {
   return c;
 }
 #else
-SAP_HD float prefix_sums_f32(const float* in, float carry, float* out) {
-  const __m256 zero = _mm256_setzero_ps();
-  for (int v = 0; v < kBlock / 8; ++v) {
-    __m256 x = _mm256_loadu_ps(in + 8 * v);
-    // Shifts across the two 128-bit halves: (0, x0..x6), then (0, 0, x0..x5), then (0 x4, x0..x3).
-    __m256 t = _mm256_permute2f128_ps(x, x, 0x08);  // (0, 0, 0, 0, x0, x1, x2, x3)
-    x = _mm256_add_ps(x, _mm256_castsi256_ps(_mm256_alignr_epi8(_mm256_castps_si256(x), _mm256_castps_si256(t), 12)));
-    t = _mm256_permute2f128_ps(x, x, 0x08);
-    x = _mm256_add_ps(x, _mm256_castsi256_ps(_mm256_alignr_epi8(_mm256_castps_si256(x), _mm256_castps_si256(t), 8)));
-    x = _mm256_add_ps(x, _mm256_permute2f128_ps(x, x, 0x08));
-    (void)zero;
-    _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(x, _mm256_set1_ps(carry)));
-    carry = out[8 * v + 7];
-  }
-  return carry;
-}
 SAP_HD int count_lt_f32(const float* v, int n, float p) {
   const __m256 pp = _mm256_set1_ps(p);
   int c = 0;
@@ -618,7 +595,9 @@ struct RunSearch {
 };
 #endif
 
-// The loaded block of kBlock sample positions (variates base .. base + kBlock - 1).
+// The loaded block of kBlock samples (variates base .. base + kBlock - 1): G before it in float64 and
+// its float32 running sums L (see Float32Variates). Positions T_k * S are float64 where a chunk's
+// ownership is decided (position, count_below), float32 relative to the chunk's start elsewhere.
 struct SampleBlock {
   const double* g_before;  // g_before[d] = sum of E over variate chunks < d
   int64_t var_chunk;       // variates per chunk, a multiple of kBlock
@@ -628,34 +607,43 @@ struct SampleBlock {
   uint64_t r;
   const StreamKey* key;
   uint32_t n;
-  const float* kept;       // this example's variates kept by phase 1, or nullptr: generate them
+  const float* kept;       // this example's running sums kept by phase 1, or nullptr: generate them
   uint64_t base = 0;
-  double g_last = 0;
-  alignas(64) double pos[kBlock];
+  double g_base = 0;       // G before the block
+  alignas(64) float lsum[kBlock];
 
   // Loads the block from variate b (a multiple of kBlock), given G before b.
   SAP_HD void load(uint64_t b, double g_prev) {
-    alignas(64) double e[kBlock];
     if (kept != nullptr) {
-      // Variates past r (the last block's tail) are not kept: 0, as phase 1 summed them.
+      // The last block holds r + 1 - b variates: past them L stays at its last value, as phase 1 summed.
       const uint64_t len = r + 1 - b < static_cast<uint64_t>(kBlock) ? r + 1 - b : static_cast<uint64_t>(kBlock);
-      if (len == kBlock) {  // all but the last block: a plain conversion, which vectorizes
-        for (int i = 0; i < kBlock; ++i) e[i] = static_cast<double>(kept[b + i]);
-      } else {
-        for (int i = 0; i < kBlock; ++i) e[i] = static_cast<uint64_t>(i) < len ? static_cast<double>(kept[b + i]) : 0.0;
-      }
+      memcpy(lsum, kept + b, static_cast<size_t>(len) * sizeof(float));
+      for (uint64_t i = len; i < static_cast<uint64_t>(kBlock); ++i) lsum[i] = lsum[len - 1];
     } else {
-      Float32Variates::run(*key, b >> 2, n, e);
+      Float32Variates::running_sums(*key, b >> 2, n, lsum);
     }
-    g_last = prefix_sums(e, g_prev, pos);
-    for (int i = 0; i < kBlock; ++i) pos[i] = (pos[i] * inv_total) * sum;  // T_k * S, as SampleCursor
+    g_base = g_prev;
     base = b;
   }
   // The next block; callers only ask while it holds samples (base + kBlock < r), so that the table
   // index stays below var_chunks.
   SAP_HD void next() {
     const uint64_t b = base + kBlock, c = static_cast<uint64_t>(var_chunk);
-    load(b, b % c == 0 ? g_before[b / c] : g_last);
+    load(b, b % c == 0 ? g_before[b / c] : g_base + static_cast<double>(lsum[kBlock - 1]));
+  }
+  // The float64 position of sample base + i, as SampleCursor.
+  SAP_HD double position(int i) const { return ((g_base + static_cast<double>(lsum[i])) * inv_total) * sum; }
+  // How many of the block's positions are < bound.
+  SAP_HD int count_below(double bound) const {
+    alignas(64) double p[kBlock];
+    for (int i = 0; i < kBlock; ++i) p[i] = position(i);
+    return count_lt_block(p, bound);
+  }
+  // The block's positions in float32, relative to origin: one FMA each.
+  SAP_HD void positions_f32(double origin, float* out) const {
+    const float start = static_cast<float>((g_base * inv_total) * sum - origin);
+    const float scale = static_cast<float>(inv_total * sum);
+    for (int i = 0; i < kBlock; ++i) out[i] = __builtin_fmaf(lsum[i], scale, start);
   }
   // Loads the block of the first sample whose position is >= bound and returns it (r if none, then
   // the loaded block is unspecified). The chunk table narrows the search to one variate chunk.
@@ -667,7 +655,7 @@ struct SampleBlock {
     }
     load(static_cast<uint64_t>(lo * var_chunk), g_before[lo]);
     for (;;) {
-      const int below = count_lt_block(pos, bound);
+      const int below = count_below(bound);
       if (below < kBlock) return base + below < r ? base + below : r;
       if (base + kBlock >= r) return r;
       next();
@@ -704,12 +692,11 @@ struct SampleWindow {
   SAP_HD void append(int at) {
     const uint64_t left = sb.r - sb.base;
     int n = left < static_cast<uint64_t>(kBlock) ? static_cast<int>(left) : kBlock;
-    if (!last_chunk && !(sb.pos[kBlock - 1] < c_end)) {
-      const int below = count_lt_block(sb.pos, c_end);  // the rest belong to the next chunk
+    if (!last_chunk && !(sb.position(kBlock - 1) < c_end)) {
+      const int below = sb.count_below(c_end);  // the rest belong to the next chunk
       n = below < n ? below : n;
     }
-    const double o = origin;  // a local: the loop then vectorizes (no full tail of selects)
-    for (int i = 0; i < kBlock; ++i) pos[at + i] = static_cast<float>(sb.pos[i] - o);
+    sb.positions_f32(origin, pos + at);
     for (int i = n; i < kBlock; ++i) pos[at + i] = INFINITY;
     size = at + n;
     more = n == kBlock && sb.base + kBlock < sb.r;
@@ -734,7 +721,7 @@ template <typename T>
 void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double c_begin, double c_end,
                            bool last_chunk, SampleBlock& sb, const KeepF32& keep, double r) {
   const uint64_t k0 = sb.seek(c_begin);
-  if (k0 >= sb.r || (!last_chunk && sb.pos[k0 - sb.base] >= c_end)) {  // this chunk owns no samples
+  if (k0 >= sb.r || (!last_chunk && sb.position(static_cast<int>(k0 - sb.base)) >= c_end)) {  // this chunk owns no samples
     memset(static_cast<void*>(y + begin), 0, static_cast<size_t>(end - begin) * sizeof(T));
     return;
   }
@@ -812,8 +799,8 @@ void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double 
   }
 }
 
-// Apply task t in multinomial mode for float32/float16 data; float64 code (apply_task) where S or
-// r / S is beyond float32's comfort.
+// Apply task t in multinomial mode for float32/float16 data; float64 code (apply_task) where S, r / S
+// or S / G_r is beyond float32's comfort.
 template <typename T>
 void multinomial_apply_f32(const Layout& l, const T* x, T* y, const double* scratch, const StreamKey& key,
                            const Float32Variates& variates, int64_t t) {
@@ -822,13 +809,15 @@ void multinomial_apply_f32(const Layout& l, const T* x, T* y, const double* scra
   const double* c_before = scratch + n * l.c_stride();
   const double sum = c_before[l.elem_chunks];
   const double r = static_cast<double>(l.r);
+  const double* g_before = scratch + l.examples * l.c_stride() + n * l.g_stride();
+  const double inv_total = 1.0 / g_before[l.var_chunks];
+  const double spacing = inv_total * sum;  // float32 positions scale L by it (SampleBlock::positions_f32)
   KeepF32 keep;
-  if (!sum_is_usable(sum) || !keep.init(sum, r)) {
+  if (!sum_is_usable(sum) || !keep.init(sum, r) || !(spacing > 1e-30 && spacing < 1e30)) {
     apply_task<T, Float32Variates>(l, x, y, scratch, key, t);
     return;
   }
-  const double* g_before = scratch + l.examples * l.c_stride() + n * l.g_stride();
-  SampleBlock sb{g_before, l.var_chunk, l.var_chunks, 1.0 / g_before[l.var_chunks], sum, l.r, &key,
+  SampleBlock sb{g_before, l.var_chunk, l.var_chunks, inv_total, sum, l.r, &key,
                  static_cast<uint32_t>(n), variates.kept_of(static_cast<uint32_t>(n)), 0, 0.0, {}};
   multinomial_range_f32(x + n * l.m, y + n * l.m, begin, end, c_before[ch], c_before[ch + 1], ch + 1 == l.elem_chunks,
                         sb, keep, r);
