@@ -639,12 +639,6 @@ struct SampleBlock {
     for (int i = 0; i < kBlock; ++i) p[i] = position(i);
     return count_lt_block(p, bound);
   }
-  // The block's positions in float32, relative to origin: one FMA each.
-  SAP_HD void positions_f32(double origin, float* out) const {
-    const float start = static_cast<float>((g_base * inv_total) * sum - origin);
-    const float scale = static_cast<float>(inv_total * sum);
-    for (int i = 0; i < kBlock; ++i) out[i] = __builtin_fmaf(lsum[i], scale, start);
-  }
   // Loads the block of the first sample whose position is >= bound and returns it (r if none, then
   // the loaded block is unspecified). The chunk table narrows the search to one variate chunk.
   SAP_HD uint64_t seek(double bound) {
@@ -663,32 +657,36 @@ struct SampleBlock {
   }
 };
 
-// The samples a chunk owns, as float32 positions relative to its origin, two blocks of kBlock at a
-// time. The chunk owns the samples from the first at or after C before it (SampleBlock::seek) to the
-// last below C after it (phase 2's prefix, compared in float64); the last chunk of an example also
-// owns those past its last bound (rounding only).
+// The samples a chunk owns, two blocks of kBlock at a time, as float32 positions relative to the start
+// of the run being placed (at()): each block's L scaled by S / G_r plus where the block starts, so
+// that a run's positions and bounds carry rounding errors of the run's mass, not the chunk's. The
+// chunk owns the samples from the first at or after C before it (SampleBlock::seek) to the last below
+// C after it (phase 2's prefix, compared in float64); the last chunk of an example also owns those
+// past its last bound (rounding only).
 struct SampleWindow {
   SampleBlock& sb;
-  double origin;    // C before the chunk
-  double c_end;     // C after the chunk (unused for the last chunk)
+  double origin;      // C before the chunk
+  double c_end;       // C after the chunk (unused for the last chunk)
   bool last_chunk;
-  uint64_t first;   // sample index of pos[0]
-  int size = 0;     // owned samples in pos[]; +inf after them
-  bool more = false;  // whether the chunk may own samples past pos[2 * kBlock - 1]
-  alignas(64) float pos[2 * kBlock];
+  float spacing;      // S / G_r
+  uint64_t first;     // sample index of pos[0]
+  int size = 0;       // owned samples in the window
+  bool more = false;  // whether the chunk may own samples past the window
+  double start[2] = {0, 0};  // each block's position at L = 0, relative to origin
+  alignas(64) float lsum[2 * kBlock];
+  alignas(64) float pos[2 * kBlock];  // by at(): relative to a run's start, +inf past size
 
   // Starts at the block sb holds (after seek).
-  SampleWindow(SampleBlock& s, double c_begin, double c_end_, bool last) : sb(s), origin(c_begin), c_end(c_end_),
-                                                                          last_chunk(last), first(s.base) {
+  SampleWindow(SampleBlock& s, double c_begin, double c_end_, bool last)
+      : sb(s), origin(c_begin), c_end(c_end_), last_chunk(last),
+        spacing(static_cast<float>(s.inv_total * s.sum)), first(s.base) {
     append(0);
     if (more) {
       sb.next();
       append(kBlock);
-    } else {
-      for (int i = kBlock; i < 2 * kBlock; ++i) pos[i] = INFINITY;
     }
   }
-  // Copies the block sb holds into pos[at ..].
+  // Copies the block sb holds into the window at `at` (0 or kBlock).
   SAP_HD void append(int at) {
     const uint64_t left = sb.r - sb.base;
     int n = left < static_cast<uint64_t>(kBlock) ? static_cast<int>(left) : kBlock;
@@ -696,22 +694,29 @@ struct SampleWindow {
       const int below = sb.count_below(c_end);  // the rest belong to the next chunk
       n = below < n ? below : n;
     }
-    sb.positions_f32(origin, pos + at);
-    for (int i = n; i < kBlock; ++i) pos[at + i] = INFINITY;
+    memcpy(lsum + at, sb.lsum, kBlock * sizeof(float));
+    start[at / kBlock] = (sb.g_base * sb.inv_total) * sb.sum - origin;
     size = at + n;
     more = n == kBlock && sb.base + kBlock < sb.r;
   }
   // Drops the first block and appends the next one, if the chunk owns any of it.
   SAP_HD void slide() {
-    memcpy(pos, pos + kBlock, kBlock * sizeof(float));
+    memcpy(lsum, lsum + kBlock, kBlock * sizeof(float));
+    start[0] = start[1];
     first += kBlock;
     size -= kBlock;
     if (more) {
       sb.next();
       append(kBlock);
-    } else {
-      for (int i = kBlock; i < 2 * kBlock; ++i) pos[i] = INFINITY;
     }
+  }
+  // Fills pos[] relative to c (C before the run, relative to origin).
+  SAP_HD void at(double c) {
+    for (int h = 0; h < 2; ++h) {
+      const float s0 = static_cast<float>(start[h] - c);
+      for (int i = 0; i < kBlock; ++i) pos[h * kBlock + i] = __builtin_fmaf(lsum[h * kBlock + i], spacing, s0);
+    }
+    for (int i = size; i < 2 * kBlock; ++i) pos[i] = INFINITY;
   }
 };
 
@@ -728,7 +733,7 @@ void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double 
   SampleWindow win(sb, c_begin, c_end, last_chunk);
   int t = static_cast<int>(k0 - win.first);  // the next sample to place, as an index of win.pos
   const float top = static_cast<float>(max_finite(static_cast<const T*>(nullptr)));
-  double c = 0;  // C before the run, relative to c_begin
+  double c = 0;  // C before the run, relative to c_begin: the runs' float32 sums, added in float64
   // The chunk's last element with a_j > 0 and its x, read before y is written (y may be x's buffer).
   int64_t last_nonzero = -1;
   float last_x = 0.0f;
@@ -743,13 +748,15 @@ void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double 
       last_x = xs[i];
     }
     for (int i = 0; i < kBlock; ++i) a[i] = fabsf(xs[i]);
-    const float mass = prefix_sums_f32(a, static_cast<float>(c), bound);
-    c += static_cast<double>(mass) - static_cast<double>(static_cast<float>(c));  // the run's own sum, rounded once
+    const double c_run = c;
+    const float mass = prefix_sums_f32(a, 0.0f, bound);  // bounds relative to the run's start
+    c += static_cast<double>(mass);
     for (int i = len; i < kBlock; ++i) bound[i] = INFINITY;
     const float last = bound[len - 1];
     uint64_t hits = 0;
     if (t < win.size) {
       const RunSearch search(bound);
+      win.at(c_run);
       for (;;) {
         int t1 = count_lt_f32(win.pos, 2 * kBlock, last);  // the window is sorted, +inf past size
         t1 = t1 > t ? t1 : t;
@@ -757,6 +764,7 @@ void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double 
         t = t1;
         if (t < 2 * kBlock || !win.more) break;
         win.slide();  // all the window's samples are below this run's end: the next block too may be
+        win.at(c_run);
         t -= kBlock;
       }
       if (t >= kBlock && win.more) {  // keep the next run's samples in one range of the window
