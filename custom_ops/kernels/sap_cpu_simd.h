@@ -177,7 +177,8 @@ SAP_HD void store_floats(float* p, VecF v) { _mm256_storeu_ps(p, v); }
 // -log(u) for 0 < u < 1 in float32: u = 2^e m with m in [sqrt(1/2), sqrt(2)) (integer steps on the
 // bits, exact), f = m - 1 (exact), log1p(f) = f + f^2 Q(f), Q of degree 7 fitted (minimax, by
 // reweighted least squares) to log1p's relative error: below 2^-24.7 with these float32 coefficients.
-// No division: a vector divide cost as much as the polynomial's extra terms and was less accurate.
+// No division: 2 atanh((m - 1) / (m + 1)) by its series, with a vector divide, is no faster and less
+// accurate (within 3.5 2^-24 relative, against 1.6 here, both over every float u).
 SAP_HD VecF neg_log(VecF u) {
   const VecI t = sub32(bits_of(u), set1i(0x3F3504F3u));  // bits of sqrt(1/2), rounded down
   const VecF e = int_to_float(srai23(t));
