@@ -111,7 +111,11 @@ SAP_HD void philox_words(const StreamKey& key, uint64_t first_block, uint32_t n,
 // to f^8 (truncation below 2^-27 relative), then 1 - 2^k (1 + expm1(f)) = (1 - 2^k) - 2^k expm1(f),
 // whose first term is exact, so nothing cancels for small z (k = 0 there).
 SAP_HD float neg_expm1f(float z) {
-  const float zc = z < 87.0f ? z : 87.0f;  // q rounds to 1 long before; keeps 2^k normal
+  // q rounds to 1 long before 87; the cap keeps 2^k normal. A min on the bits (z >= 0), which the
+  // compiler cannot turn into selects of everything computed from zc.
+  uint32_t zb;
+  memcpy(&zb, &z, sizeof zb);
+  const float zc = float_of(zb < 0x42AE0000u ? zb : 0x42AE0000u);  // bits of 87.0f
   const float shifter = 12582912.0f;       // 1.5 * 2^23: adding it rounds to an integer
   const float kf = (zc * -1.44269504f + shifter) - shifter;
   float f = __builtin_fmaf(kf, -0.693145751953125f, -zc);  // ln2's high part: k * it is exact
@@ -341,34 +345,27 @@ struct KeepF32 {
     return true;
   }
 
-  // q of kBlock elements xs (zero past the run's end: q = 0 there). Per-lane flags (int lanes, OR-ed
-  // after the loop, so that the loop vectorizes): whether any element is non-zero (returned), and in
-  // `wide` whether any needs the float64 path (some p >= 1/256, where the series is not enough, or
-  // a * r / S near float32's underflow).
+  // q of kBlock elements xs (zero past the run's end: q = 0 there). Returns whether any element is
+  // non-zero; `wide` says whether any needs the float64 path (some p >= 1/256, where the series is not
+  // enough, or a * r / S near float32's underflow). The flags are OR-reductions of one loop, which the
+  // compiler keeps in registers (per-lane flag arrays had been kept in memory).
   SAP_HD bool run(const float* xs, float* q, bool& wide) const {
-    constexpr int kL = 16;
-    int lane_nonzero[kL] = {}, lane_wide[kL] = {};
-    for (int j = 0; j < kBlock; j += kL) {
-      for (int l = 0; l < kL; ++l) {
-        const float a = fabsf(xs[j + l]);
-        const float p = a * inv_sum;
-        const float t_hi = a * rs;
-        const float t = t_hi + __builtin_fmaf(a, rs_lo, __builtin_fmaf(a, rs, -t_hi));
-        // r * -log1p(-p) = t (1 + p/2 + p^2/3 + p^3/4 + ...), p < 1/256: later terms are below 2^-32.
-        const float z = __builtin_fmaf(t, p * __builtin_fmaf(p, __builtin_fmaf(p, 0.25f, 1.0f / 3), 0.5f), t);
-        q[j + l] = neg_expm1f(z);  // 0 where a = 0
-        lane_nonzero[l] |= a > 0.0f;
-        lane_wide[l] |= (p >= static_cast<float>(fast::kSeriesMaxP)) | ((a > 0.0f) & (t < 1e-30f));
-      }
-    }
     int nonzero = 0, any_wide = 0;
-    for (int l = 0; l < kL; ++l) {
-      nonzero |= lane_nonzero[l];
-      any_wide |= lane_wide[l];
+    for (int i = 0; i < kBlock; ++i) {
+      const float a = fabsf(xs[i]);
+      const float p = a * inv_sum;
+      const float t_hi = a * rs;
+      const float t = t_hi + __builtin_fmaf(a, rs_lo, __builtin_fmaf(a, rs, -t_hi));
+      // r * -log1p(-p) = t (1 + p/2 + p^2/3 + p^3/4 + ...), p < 1/256: later terms are below 2^-32.
+      const float z = __builtin_fmaf(t, p * __builtin_fmaf(p, __builtin_fmaf(p, 0.25f, 1.0f / 3), 0.5f), t);
+      q[i] = neg_expm1f(z);  // 0 where a = 0
+      nonzero |= a > 0.0f;
+      any_wide |= (p >= static_cast<float>(fast::kSeriesMaxP)) | ((a > 0.0f) & (t < 1e-30f));
     }
     wide = any_wide != 0;
     return nonzero != 0;
   }
+
 };
 
 // Words per Philox call in bernoulli_range_f32: four vectors of blocks per word of the block, so that
