@@ -608,17 +608,24 @@ struct SampleBlock {
   const float* kept;       // this example's running sums kept by phase 1, or nullptr: generate them
   uint64_t base = 0;
   double g_base = 0;       // G before the block
-  alignas(64) float lsum[kBlock];
+  const float* lsum = nullptr;  // the block's L: in the kept store, or in own
+  alignas(64) float own[kBlock];
 
   // Loads the block from variate b (a multiple of kBlock), given G before b.
   SAP_HD void load(uint64_t b, double g_prev) {
     if (kept != nullptr) {
       // The last block holds r + 1 - b variates: past them L stays at its last value, as phase 1 summed.
       const uint64_t len = r + 1 - b < static_cast<uint64_t>(kBlock) ? r + 1 - b : static_cast<uint64_t>(kBlock);
-      memcpy(lsum, kept + b, static_cast<size_t>(len) * sizeof(float));
-      for (uint64_t i = len; i < static_cast<uint64_t>(kBlock); ++i) lsum[i] = lsum[len - 1];
+      if (len == kBlock) {
+        lsum = kept + b;
+      } else {
+        memcpy(own, kept + b, static_cast<size_t>(len) * sizeof(float));
+        for (uint64_t i = len; i < static_cast<uint64_t>(kBlock); ++i) own[i] = own[len - 1];
+        lsum = own;
+      }
     } else {
-      Float32Variates::running_sums(*key, b >> 2, n, lsum);
+      Float32Variates::running_sums(*key, b >> 2, n, own);
+      lsum = own;
     }
     g_base = g_prev;
     base = b;
