@@ -831,7 +831,7 @@ void multinomial_apply_f32(const Layout& l, const T* x, T* y, const double* scra
     return;
   }
   SampleBlock sb{g_before, l.var_chunk, l.var_chunks, inv_total, sum, l.r, &key,
-                 static_cast<uint32_t>(n), variates.kept_of(static_cast<uint32_t>(n)), 0, 0.0, {}};
+                 static_cast<uint32_t>(n), variates.kept_of(static_cast<uint32_t>(n)), 0, 0.0, nullptr, {}};
   multinomial_range_f32(x + n * l.m, y + n * l.m, begin, end, c_before[ch], c_before[ch + 1], ch + 1 == l.elem_chunks,
                         sb, keep, r);
 }
