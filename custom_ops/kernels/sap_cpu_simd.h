@@ -217,16 +217,14 @@ SAP_HD float prefix_sums_f32(const float* in, float carry, float* out) {
 }
 #else
 SAP_HD float prefix_sums_f32(const float* in, float carry, float* out) {
-  const __m256 zero = _mm256_setzero_ps();
   for (int v = 0; v < kBlock / 8; ++v) {
     __m256 x = _mm256_loadu_ps(in + 8 * v);
-    // Shifts across the two 128-bit halves: (0, x0..x6), then (0, 0, x0..x5), then (0 x4, x0..x3).
+    // Shifts across the two 128-bit halves: (0, x0..x6), then (0, 0, x0..x5), then (0, 0, 0, 0, x0..x3).
     __m256 t = _mm256_permute2f128_ps(x, x, 0x08);  // (0, 0, 0, 0, x0, x1, x2, x3)
     x = _mm256_add_ps(x, _mm256_castsi256_ps(_mm256_alignr_epi8(_mm256_castps_si256(x), _mm256_castps_si256(t), 12)));
     t = _mm256_permute2f128_ps(x, x, 0x08);
     x = _mm256_add_ps(x, _mm256_castsi256_ps(_mm256_alignr_epi8(_mm256_castps_si256(x), _mm256_castps_si256(t), 8)));
     x = _mm256_add_ps(x, _mm256_permute2f128_ps(x, x, 0x08));
-    (void)zero;
     _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(x, _mm256_set1_ps(carry)));
     carry = out[8 * v + 7];
   }
@@ -365,7 +363,6 @@ struct KeepF32 {
     wide = any_wide != 0;
     return nonzero != 0;
   }
-
 };
 
 // Words per Philox call in bernoulli_range_f32: four vectors of blocks per word of the block, so that
@@ -427,20 +424,16 @@ void bernoulli_range_f32(const T* x, T* y, int64_t begin, int64_t end, double su
 }
 
 // ---------------------------------------------------------------------------------------------
-// Multinomial mode for float32/float16 data. A chunk's positions and bounds are compared in float32,
-// relative to C before the chunk (the chunk's `origin`): a chunk's mass is at most S, so that moves a
-// decision only where a position is within about 2^-22 of S of a bound, far inside SPEC.md's 1e-5
+// Multinomial mode for float32/float16 data. Per run of kBlock elements: the bounds C as float32
+// prefix sums of |x| relative to the run's start (a log-step scan), the positions T_k * S of the
+// window's samples relative to the same start (SampleWindow::at), the samples below the run's last
+// bound (one count: the window is sorted), each one's element by RunSearch, then KeepF32's q and y.
+// Comparing in float32 relative to the run moves a decision only where a position is within a few
+// float32 ulps of the run's mass (or of a block's variate sum) of a bound, far inside SPEC.md's 1e-5
 // band. Each sample is still placed exactly once: which chunk owns it is decided in float64 against
-// phase 2's prefix (SampleWindow), and which run of the chunk by the same float32 values on both
-// sides of a run boundary.
-//
-// Per run of kBlock elements: the float32 prefix sums of |x| (a log-step scan), the window's samples
-// below the run's last bound (one count), each sample's element by RunSearch, then KeepF32's q and
-// y. Sample positions come a block of kBlock at a time (SampleBlock): float32 variates, their float64
-// running sums G from the variate chunk table, T_k * S; the window holds two blocks, so that a run's
-// samples are one range of it and are placed by one call. Every quantity is a fixed function of the
-// stream position or element index, not of the chunking, so each sample is seen by the chunk that
-// owns it.
+// phase 2's prefix (SampleWindow::append), and which run of the chunk by one advancing sample index.
+// Every quantity is a fixed function of the stream position or element index, not of the chunking,
+// so each sample is seen by the chunk that owns it.
 
 #if defined(__AVX512F__)
 // How many of the kBlock doubles at v are < p.
@@ -595,7 +588,8 @@ struct RunSearch {
 
 // The loaded block of kBlock samples (variates base .. base + kBlock - 1): G before it in float64 and
 // its float32 running sums L (see Float32Variates). Positions T_k * S are float64 where a chunk's
-// ownership is decided (position, count_below), float32 relative to the chunk's start elsewhere.
+// ownership is decided (position, count_below), float32 relative to a run's start elsewhere
+// (SampleWindow).
 struct SampleBlock {
   const double* g_before;  // g_before[d] = sum of E over variate chunks < d
   int64_t var_chunk;       // variates per chunk, a multiple of kBlock
