@@ -668,7 +668,6 @@ struct SampleWindow {
   double c_end;       // C after the chunk (unused for the last chunk)
   bool last_chunk;
   float spacing;      // S / G_r
-  uint64_t first;     // sample index of pos[0]
   int size = 0;       // owned samples in the window
   bool more = false;  // whether the chunk may own samples past the window
   double start[2] = {0, 0};  // each block's position at L = 0, relative to origin
@@ -678,7 +677,7 @@ struct SampleWindow {
   // Starts at the block sb holds (after seek).
   SampleWindow(SampleBlock& s, double c_begin, double c_end_, bool last)
       : sb(s), origin(c_begin), c_end(c_end_), last_chunk(last),
-        spacing(static_cast<float>(s.inv_total * s.sum)), first(s.base) {
+        spacing(static_cast<float>(s.inv_total * s.sum)) {
     append(0);
     if (more) {
       sb.next();
@@ -702,7 +701,6 @@ struct SampleWindow {
   SAP_HD void slide() {
     memcpy(lsum, lsum + kBlock, kBlock * sizeof(float));
     start[0] = start[1];
-    first += kBlock;
     size -= kBlock;
     if (more) {
       sb.next();
@@ -729,8 +727,8 @@ void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double 
     memset(static_cast<void*>(y + begin), 0, static_cast<size_t>(end - begin) * sizeof(T));
     return;
   }
-  SampleWindow win(sb, c_begin, c_end, last_chunk);
-  int t = static_cast<int>(k0 - win.first);  // the next sample to place, as an index of win.pos
+  int t = static_cast<int>(k0 - sb.base);  // the next sample to place, as an index of the window's pos
+  SampleWindow win(sb, c_begin, c_end, last_chunk);  // starts at sb's block
   const float top = static_cast<float>(max_finite(static_cast<const T*>(nullptr)));
   double c = 0;  // C before the run, relative to c_begin: the runs' float32 sums, added in float64
   // The chunk's last element with a_j > 0 and its x, read before y is written (y may be x's buffer).
@@ -786,8 +784,7 @@ void multinomial_range_f32(const T* x, T* y, int64_t begin, int64_t end, double 
       for (int i = 0; i < len; ++i) a64[i] = static_cast<double>(a[i]);
       keep_probabilities<T>(a64, len, sb.sum, r, q64);
       for (int i = 0; i < len; ++i) {
-        const double kept = saturate<T>(static_cast<double>(xs[i]) / (q64[i] > 0.0 ? q64[i] : 1.0));
-        store(y, b + i, hit[i] ? kept : 0.0);
+        store(y, b + i, hit[i] ? survivor<T>(xs[i], q64[i]) : 0.0);
       }
       continue;
     }

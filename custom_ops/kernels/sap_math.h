@@ -134,6 +134,11 @@ SAP_HD double saturate(double v) {
   return v > lo ? v : lo;
 }
 
+// A survivor's output x / q, saturated. q = 0 only where a = 0, which is never kept: it divides by 1
+// there, so that the loops compute it for every element without a branch.
+template <typename T>
+SAP_HD double survivor(double x, double q) { return saturate<T>(x / (q > 0.0 ? q : 1.0)); }
+
 SAP_HD void store(float* p, int64_t i, double v) { p[i] = static_cast<float>(v); }
 SAP_HD void store(double* p, int64_t i, double v) { p[i] = v; }
 SAP_HD void store(Half* p, int64_t i, double v) { p[i].bits = double_to_half_bits(v); }
@@ -358,7 +363,7 @@ SAP_HD void bernoulli_range(const T* x, T* y, int64_t begin, int64_t end, double
     keep_probabilities<T>(a, len, sum, r, q);
     for (int i = 0; i < len; ++i) {
       // q = 0 exactly where a = 0, and u > 0: such elements are never kept.
-      const double scaled = saturate<T>(xs[i] / (q[i] > 0.0 ? q[i] : 1.0));
+      const double scaled = survivor<T>(xs[i], q[i]);
       store(y, b + i, u[i] < q[i] ? scaled : 0.0);
     }
   }
@@ -508,7 +513,7 @@ SAP_HD void multinomial_range(const T* x, T* y, int64_t begin, int64_t end, doub
     }
     keep_probabilities<T>(a, len, sum, r, q);
     for (int j = 0; j < len; ++j) {
-      const double scaled = saturate<T>(xs[j] / (q[j] > 0.0 ? q[j] : 1.0));
+      const double scaled = survivor<T>(xs[j], q[j]);
       store(y, b + j, hit[j] ? scaled : 0.0);
     }
   }
