@@ -132,6 +132,15 @@ def test_multinomial_variates_generated_twice_match_reference_at_every_level(isa
     assert_matches_reference(y, x, call=0, **attrs)
 
 
+def test_multinomial_variates_kept_per_example_task_match_reference_at_every_level(isa):
+    # Eight examples run one task per example, and at the SIMD levels each task keeps its example's
+    # variates in a store of its own; together they are more than one store may hold (2^24).
+    attrs = dict(mode="multinomial", samples=2**21 + 7, seed=36)
+    x = _input((8, 700), np.float32, 8)
+    y = _run(make_session(sap_model(**attrs)), x, isa)
+    assert_matches_reference(y, x, call=0, **attrs)
+
+
 @pytest.mark.parametrize("scale", [1e-41, 1e-30, 3e35])
 def test_multinomial_float32_extreme_sums_match_reference_at_every_level(scale, isa):
     # S subnormal, tiny or huge: 1 / S or r / S leaves float32's range, so the SIMD levels must take

@@ -239,14 +239,14 @@ SAP_HD float prefix_sums_f32(const float* in, float carry, float* out) {
 // variates (prefix_sums_f32, within a few ulps of the block's sum), and the blocks' totals, summed in
 // float64 in stream order: G_k = G before k's block + L_k. A position T_k * S then moves by at most
 // about 3e-7 of S, far inside the 1e-5 decision band. With `kept` set, phase 1 stores L there
-// (kept[n * (r + 1) + i] for variate i of example n), so that phase 3 reads it instead of generating
+// (kept[n * stride + i] for variate i of example n), so that phase 3 reads it instead of generating
 // the variates again.
 struct Float32Variates {
   float* kept = nullptr;
-  uint64_t per_example = 0;  // r + 1
+  uint64_t stride = 0;  // floats between two examples' running sums: r + 1, or 0 in a one-example store
 
   // Example n's kept running sums, or nullptr when the call does not keep them.
-  SAP_HD float* kept_of(uint32_t n) const { return kept != nullptr ? kept + n * per_example : nullptr; }
+  SAP_HD float* kept_of(uint32_t n) const { return kept != nullptr ? kept + n * stride : nullptr; }
 
   // E of `count` words (a multiple of the vector width), u = (w + 1/2) / 2^32 rounded to float32.
   SAP_HD static void words_to_variates(const uint32_t* w, int count, float* e) {
@@ -300,7 +300,7 @@ struct Float32Variates {
   }
 };
 
-// Most floats a call keeps variates in (64 MiB); larger calls generate them again in phase 3.
+// Most floats a store of kept variates holds (64 MiB); calls past it generate them again in phase 3.
 constexpr uint64_t kMaxKeptVariates = uint64_t{1} << 24;
 
 // Loads and stores of a run of len <= kBlock elements as float32; the rest of the run is zero.
@@ -864,6 +864,20 @@ struct SimdCall {
     auto* c = static_cast<SimdCall*>(self);
     partial_sum_task<T, Variates>(*c->layout, c->x, c->scratch, *c->key, static_cast<int64_t>(t), c->variates);
   }
+  // One example's task (run_phases' schedule for large batches) in multinomial mode: it keeps the
+  // example's running sums in a store of its own, of r + 1 floats, at most kMaxKeptVariates. Each
+  // thread's next task reuses the freed memory, so a call needs a store per thread, not per example.
+  // Without memory for it, the task generates the variates again, with the same result.
+  static void example_keeping(void* self, size_t n) {
+    SimdCall local = *static_cast<SimdCall*>(self);
+    const uint64_t per_example = local.layout->r + 1;
+    std::unique_ptr<float[]> own;
+    if (per_example <= kMaxKeptVariates) {
+      own.reset(new (std::nothrow) float[per_example]);  // uninitialized: phase 1 writes every one read
+      local.variates = Float32Variates{own.get(), 0};
+    }
+    example_task<SimdCall>(&local, n);
+  }
   static void apply(void* self, size_t t) {
     auto* c = static_cast<SimdCall*>(self);
     const Layout& l = *c->layout;
@@ -880,11 +894,15 @@ template <typename T>
 void run_simd(const T* x, T* y, const Layout& layout, const StreamKey& key, double* scratch, ParallelForFn pfor,
               void* runner) {
   SimdCall<T> call{&layout, x, y, scratch, &key, {}};
-  // Multinomial float32/float16 calls keep their variates between phases 1 and 3 when they fit.
+  // Multinomial float32/float16 calls keep their variates between phases 1 and 3 when they fit: in one
+  // store per task when the batch runs one task per example (example_keeping), else in one for the call.
   std::unique_ptr<float[]> kept;
   if constexpr (sizeof(T) != sizeof(double)) {
     const uint64_t per_example = layout.r + 1;
     const uint64_t n = static_cast<uint64_t>(layout.examples);
+    if (layout.mode == Mode::kMultinomial && layout.examples >= kCpuExampleTasksMin) {
+      return run_phases(call, pfor, runner, &SimdCall<T>::example_keeping);
+    }
     if (layout.mode == Mode::kMultinomial && n != 0 && per_example <= kMaxKeptVariates / n) {
       kept.reset(new (std::nothrow) float[n * per_example]);  // uninitialized: phase 1 writes every one read
       call.variates = Float32Variates{kept.get(), per_example};

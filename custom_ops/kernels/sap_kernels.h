@@ -62,11 +62,13 @@ void example_task(void* self, size_t n) {
   for (int64_t ch = 0; ch < l.elem_chunks; ++ch) Call::apply(self, static_cast<size_t>(e * l.elem_chunks + ch));
 }
 
+// `example` runs one example's task: example_task, or a Call's own wrapper around it (the SIMD levels
+// give each such task its own variate store).
 template <typename Call>
-void run_phases(Call& call, ParallelForFn pfor, void* runner) {
+void run_phases(Call& call, ParallelForFn pfor, void* runner, void (*example)(void*, size_t) = &example_task<Call>) {
   const Layout& l = *call.layout;
   if (l.examples >= kCpuExampleTasksMin) {
-    pfor(runner, &example_task<Call>, static_cast<size_t>(l.examples), &call);
+    pfor(runner, example, static_cast<size_t>(l.examples), &call);
     return;
   }
   pfor(runner, &Call::partial, static_cast<size_t>(l.partial_tasks()), &call);
