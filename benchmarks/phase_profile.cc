@@ -51,7 +51,7 @@ int main(int argc, char** argv) {
   std::normal_distribution<float> normal;
   for (float& v : x) v = std::max(normal(gen), 0.0f);  // post-ReLU: about half zeros
   Layout layout;
-  if (!make_layout(n, m, sample_count(1.0, 0, m), mode, kCpuChunk, kCpuVarChunk, layout)) return 2;
+  if (!make_layout(n, m, sample_count(1.0, 0, m), mode, cpu_chunk(n, m), kCpuVarChunk, layout)) return 2;
   const StreamKey key{0x12345678u, 0x9abcdef0u, 0};
   std::printf("%s, float32 %lldx%lld, one thread, best of %d (ns per element)\n", argv[1],
               static_cast<long long>(n), static_cast<long long>(m), reps);
@@ -73,7 +73,7 @@ int main(int argc, char** argv) {
     for (int r = 0; r < reps; ++r) {
       g_phase_s[0] = g_phase_s[1] = 0;
       g_call = 0;
-      run_cpu(isa, DType::kFloat32, x.data(), y.data(), layout, key, &timed_serial_for, nullptr);
+      run_cpu(isa, DType::kFloat32, x.data(), y.data(), layout, key, Pool{&timed_serial_for, nullptr, true});
       for (int p = 0; p < 2; ++p) best[p] = std::min(best[p], g_phase_s[p]);
     }
     const double per = 1e9 / static_cast<double>(n * m);

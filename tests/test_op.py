@@ -382,6 +382,24 @@ def _two_node_model(**common):
                                                                       onnx.helper.make_opsetid("onnx_sap", 1)])
 
 
+@pytest.mark.parametrize("mode", ["bernoulli", "multinomial"])
+@pytest.mark.parametrize("shape", [(2, 20000), (3, 50000)], ids=["small_chunks", "large_chunks"])
+def test_output_is_the_same_for_every_thread_count(shape, mode):
+    # A call of few examples runs its phases in one parallel-for whose invocations wait for each
+    # other between phases (sap_kernels.h, PhaseRun): however many threads run them, from one to more
+    # than there are cores, the output is the reference's and bit for bit the same.
+    attrs = dict(mode=mode, seed=37)
+    x = _input(shape, np.float32, 9)
+    outs = []
+    for threads in (1, 2, 3, 8):
+        sess = make_session(sap_model(**attrs), threads=threads)
+        outs += [sess.run(None, {"x": x})[0] for _ in range(3)]
+    for call in range(3):
+        assert_matches_reference(outs[call], x, call=call, **attrs)
+    for i, y in enumerate(outs):
+        np.testing.assert_array_equal(y, outs[i % 3])  # each session's i % 3-th call
+
+
 @pytest.mark.parametrize("threads", [1, None], ids=["intra1", "intra_default"])
 def test_concurrent_runs_use_each_call_index_once(threads):
     # 8 threads x 200 runs of one session: per node, the runs' call indices are exactly 0..1599 (each

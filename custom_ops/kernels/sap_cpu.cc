@@ -33,10 +33,9 @@ struct CpuCall {
 };
 
 template <typename T>
-void run_scalar(const T* x, T* y, const Layout& layout, const StreamKey& key, double* scratch, ParallelForFn pfor,
-                void* runner) {
+void run_scalar(const T* x, T* y, const Layout& layout, const StreamKey& key, double* scratch, const Pool& pool) {
   CpuCall<T> call{&layout, x, y, scratch, &key};
-  run_phases(call, pfor, runner);
+  run_phases(call, pool);
 }
 
 constexpr const char* kIsaNames[kIsaLevels] = {"scalar", "avx2", "avx512"};
@@ -110,24 +109,24 @@ const char* choose_isa(Isa* isa) {
 }
 
 void run_cpu(Isa isa, DType dtype, const void* x, void* y, const Layout& layout, const StreamKey& key,
-             ParallelForFn pfor, void* runner) {
+             const Pool& pool) {
   // Scratch is a few doubles per chunk, not per element.
   std::vector<double> scratch(static_cast<size_t>(layout.scratch_doubles()), 0.0);
 #if defined(ONNX_SAP_WITH_X86_SIMD)
-  if (isa == Isa::kAvx512) return run_cpu_avx512(dtype, x, y, layout, key, scratch.data(), pfor, runner);
-  if (isa == Isa::kAvx2) return run_cpu_avx2(dtype, x, y, layout, key, scratch.data(), pfor, runner);
+  if (isa == Isa::kAvx512) return run_cpu_avx512(dtype, x, y, layout, key, scratch.data(), pool);
+  if (isa == Isa::kAvx2) return run_cpu_avx2(dtype, x, y, layout, key, scratch.data(), pool);
 #else
   (void)isa;
 #endif
   switch (dtype) {
     case DType::kFloat32:
-      run_scalar(static_cast<const float*>(x), static_cast<float*>(y), layout, key, scratch.data(), pfor, runner);
+      run_scalar(static_cast<const float*>(x), static_cast<float*>(y), layout, key, scratch.data(), pool);
       break;
     case DType::kFloat64:
-      run_scalar(static_cast<const double*>(x), static_cast<double*>(y), layout, key, scratch.data(), pfor, runner);
+      run_scalar(static_cast<const double*>(x), static_cast<double*>(y), layout, key, scratch.data(), pool);
       break;
     case DType::kFloat16:
-      run_scalar(static_cast<const Half*>(x), static_cast<Half*>(y), layout, key, scratch.data(), pfor, runner);
+      run_scalar(static_cast<const Half*>(x), static_cast<Half*>(y), layout, key, scratch.data(), pool);
       break;
   }
 }

@@ -891,8 +891,7 @@ struct SimdCall {
 };
 
 template <typename T>
-void run_simd(const T* x, T* y, const Layout& layout, const StreamKey& key, double* scratch, ParallelForFn pfor,
-              void* runner) {
+void run_simd(const T* x, T* y, const Layout& layout, const StreamKey& key, double* scratch, const Pool& pool) {
   SimdCall<T> call{&layout, x, y, scratch, &key, {}};
   // Multinomial float32/float16 calls keep their variates between phases 1 and 3 when they fit: in one
   // store per task when the batch runs one task per example (example_keeping), else in one for the call.
@@ -901,29 +900,29 @@ void run_simd(const T* x, T* y, const Layout& layout, const StreamKey& key, doub
     const uint64_t per_example = layout.r + 1;
     const uint64_t n = static_cast<uint64_t>(layout.examples);
     if (layout.mode == Mode::kMultinomial && layout.examples >= kCpuExampleTasksMin) {
-      return run_phases(call, pfor, runner, &SimdCall<T>::example_keeping);
+      return run_phases(call, pool, &SimdCall<T>::example_keeping);
     }
     if (layout.mode == Mode::kMultinomial && n != 0 && per_example <= kMaxKeptVariates / n) {
       kept.reset(new (std::nothrow) float[n * per_example]);  // uninitialized: phase 1 writes every one read
       call.variates = Float32Variates{kept.get(), per_example};
     }
   }
-  run_phases(call, pfor, runner);
+  run_phases(call, pool);
 }
 
 }  // namespace
 
 void SAP_SIMD_ENTRY(DType dtype, const void* x, void* y, const Layout& layout, const StreamKey& key,
-                    double* scratch, ParallelForFn pfor, void* runner) {
+                    double* scratch, const Pool& pool) {
   switch (dtype) {
     case DType::kFloat32:
-      run_simd(static_cast<const float*>(x), static_cast<float*>(y), layout, key, scratch, pfor, runner);
+      run_simd(static_cast<const float*>(x), static_cast<float*>(y), layout, key, scratch, pool);
       break;
     case DType::kFloat64:
-      run_simd(static_cast<const double*>(x), static_cast<double*>(y), layout, key, scratch, pfor, runner);
+      run_simd(static_cast<const double*>(x), static_cast<double*>(y), layout, key, scratch, pool);
       break;
     case DType::kFloat16:
-      run_simd(static_cast<const Half*>(x), static_cast<Half*>(y), layout, key, scratch, pfor, runner);
+      run_simd(static_cast<const Half*>(x), static_cast<Half*>(y), layout, key, scratch, pool);
       break;
   }
 }

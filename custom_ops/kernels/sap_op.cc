@@ -261,13 +261,13 @@ class SapKernel {
     void* y = output.GetTensorMutableRawData();
 
     if (!cuda_) {
-      const Layout layout = layout_for(examples, m, r, kCpuChunk, kCpuVarChunk);
+      const Layout layout = layout_for(examples, m, r, cpu_chunk(examples, m), kCpuVarChunk);
       check_host_scratch(layout);
       // ONNX Runtime may hand us the input's buffer as the output (MayInplace, below): every phase
       // task reads its elements before writing them (the multinomial fix-up for a sample past the
       // last boundary uses the value it kept from that read), and no task reads another's elements.
       const bool in_place = x == y;
-      run_cpu(isa_, dtype, x, y, layout, key, &ort_parallel_for, &ctx);
+      run_cpu(isa_, dtype, x, y, layout, key, Pool{&ort_parallel_for, &ctx});
       g_last_cpu_isa.store(static_cast<int>(isa_), std::memory_order_relaxed);
       g_last_cpu_in_place.store(in_place ? 1 : 0, std::memory_order_relaxed);
       return;
