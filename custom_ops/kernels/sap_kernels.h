@@ -82,8 +82,6 @@ void example_task(void* self, size_t n) {
   for (int64_t ch = 0; ch < l.elem_chunks; ++ch) Call::apply(self, static_cast<size_t>(e * l.elem_chunks + ch));
 }
 
-// `example` runs one example's task: example_task, or a Call's own wrapper around it (the SIMD levels
-// give each such task its own variate store).
 // The phases of a call of few examples in one parallel-for: every invocation claims phase-1 tasks
 // while there are any, waits until all of them are done (the invocation that finishes the last one
 // runs the prefix), then claims apply tasks. Each hand-off wakes pool threads, which on a small
@@ -110,8 +108,9 @@ struct PhaseRun {
       }
     }
     // The wait is at most one task of another thread: spin briefly, then give the core away.
-    for (int spins = 0; !p->prefix_done.load(std::memory_order_acquire); ++spins) {
+    for (int spins = 0; !p->prefix_done.load(std::memory_order_acquire);) {
       if (spins < 64) {
+        ++spins;
 #if defined(__x86_64__)
         __builtin_ia32_pause();
 #endif
@@ -123,6 +122,8 @@ struct PhaseRun {
   }
 };
 
+// Runs a call's tasks on `pool`. `example` runs one example's task: example_task, or a Call's own
+// wrapper around it (the SIMD levels give each such task its own variate store).
 template <typename Call>
 void run_phases(Call& call, const Pool& pool, void (*example)(void*, size_t) = &example_task<Call>) {
   const Layout& l = *call.layout;
@@ -138,8 +139,10 @@ void run_phases(Call& call, const Pool& pool, void (*example)(void*, size_t) = &
     return;
   }
   PhaseRun<Call> run{&call, static_cast<size_t>(l.partial_tasks()), static_cast<size_t>(l.apply_tasks())};
-  // As many invocations as the larger phase has tasks: the pool runs no more at once than it has threads.
-  pool.pfor(pool.runner, &PhaseRun<Call>::invocation, run.partial_total > run.apply_total ? run.partial_total : run.apply_total, &run);
+  // As many invocations as the larger phase has tasks; the pool runs no more at once than it has
+  // threads, and an invocation that finds nothing left returns at once.
+  const size_t invocations = run.partial_total > run.apply_total ? run.partial_total : run.apply_total;
+  pool.pfor(pool.runner, &PhaseRun<Call>::invocation, invocations, &run);
 }
 
 // The SIMD levels, one translation unit each (sap_cpu_avx2.cc, sap_cpu_avx512.cc), compiled for
