@@ -18,6 +18,7 @@ import os
 import time
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper
 
 from onnx_sap import make_session, reference
@@ -26,7 +27,8 @@ from onnx_sap.runtime import cpu_isa_levels
 SHAPES = [(1, 64, 112, 112), (32, 64, 56, 56)]
 
 
-def _model(op: str, **attrs):
+def op_model(op: str, **attrs) -> onnx.ModelProto:
+    """One `op` node from x to y, float32 of any shape (the SAP op in its onnx_sap domain)."""
     domain = "onnx_sap" if op == "StochasticActivationPruning" else ""
     node = helper.make_node(op, ["x"], ["y"], domain=domain, **attrs)
     vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "y")]
@@ -69,10 +71,10 @@ def bench_shape(shape, levels: list[str], threads: int, rounds: int,
                 ref_rounds: int) -> tuple[dict[str, float], dict[str, float]]:
     """Median wall times (op sessions and reference) and median CPU times (op sessions) in seconds."""
     x = np.maximum(np.random.default_rng(0).standard_normal(shape, dtype=np.float32), 0)
-    sessions = {"relu": make_session(_model("Relu"), threads=threads, spin=False)}
+    sessions = {"relu": make_session(op_model("Relu"), threads=threads, spin=False)}
     for level in levels:
         for mode in ("bernoulli", "multinomial"):
-            model = _model("StochasticActivationPruning", mode=mode, seed=1)
+            model = op_model("StochasticActivationPruning", mode=mode, seed=1)
             sessions[f"{mode} {level}"] = _session_at(level, model, threads)
     feeds = {"x": x}
     for s in sessions.values():  # warm-up

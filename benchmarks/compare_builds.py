@@ -21,18 +21,11 @@ import time
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 from onnx_sap.rewrite import HardenOptions, harden_model
 from onnx_sap.runtime import session_options
 
-
-def _op_model(mode: str) -> onnx.ModelProto:
-    node = helper.make_node("StochasticActivationPruning", ["x"], ["y"], domain="onnx_sap", mode=mode, seed=1)
-    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "y")]
-    graph = helper.make_graph([node], "compare", vi[:1], vi[1:])
-    return helper.make_model(graph, ir_version=9,
-                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("onnx_sap", 1)])
+from bench_op import op_model  # beside this script
 
 
 def _session(model: onnx.ModelProto, library: str, threads: int):
@@ -91,7 +84,8 @@ def main() -> None:
             shape = tuple(int(d) for d in text.split("x"))
             feeds = {"x": np.maximum(rng.standard_normal(shape, dtype=np.float32), 0)}
             for mode in ("bernoulli", "multinomial"):
-                compare(f"op {mode} {text}", _op_model(mode), feeds, libraries, args.threads, args.rounds)
+                model = op_model("StochasticActivationPruning", mode=mode, seed=1)
+                compare(f"op {mode} {text}", model, feeds, libraries, args.threads, args.rounds)
         if args.resnet:
             from resnet18 import resnet18
 
