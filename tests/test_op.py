@@ -5,6 +5,7 @@ import threading
 import numpy as np
 import onnx
 import onnx.numpy_helper
+import onnxruntime as ort
 import pytest
 from helpers import assert_matches_reference, sap_model
 
@@ -398,6 +399,22 @@ def test_output_is_the_same_for_every_thread_count(shape, mode):
         assert_matches_reference(outs[call], x, call=call, **attrs)
     for i, y in enumerate(outs):
         np.testing.assert_array_equal(y, outs[i % 3])  # each session's i % 3-th call
+
+
+def test_nodes_run_side_by_side_by_the_parallel_executor_match_the_sequential_ones():
+    # ONNX Runtime's parallel executor runs the two SAP nodes at once, their parallel-fors sharing one
+    # intra-op pool: each call's invocations wait only for their own call's tasks (PhaseRun), so no
+    # call waits on the other and every output is the sequential session's.
+    x = _input((2, 50000), np.float32, 10)
+    model = _two_node_model(seed=38)
+    sequential = make_session(model, threads=2)
+    options = ort.SessionOptions()
+    options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    options.inter_op_num_threads = 2
+    parallel = make_session(model, threads=2, options=options)
+    for _ in range(30):
+        for a, b in zip(sequential.run(None, {"x": x}), parallel.run(None, {"x": x})):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("threads", [1, None], ids=["intra1", "intra_default"])
